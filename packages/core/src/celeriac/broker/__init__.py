@@ -1,0 +1,1 @@
+"""Brokers: the SPI in :mod:`celeriac.broker.base`, built-ins ``memory://`` and ``sqlite://``."""

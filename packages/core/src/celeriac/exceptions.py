@@ -1,0 +1,137 @@
+"""Exceptions raised by Celeriac, named as Celery names them so user code can catch either."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "CeleriacError",
+    "ImproperlyConfigured",
+    "PluginNotFound",
+    "NotRegistered",
+    "DecodeError",
+    "ContentDisallowed",
+    "InvalidMessage",
+    "TimeoutError",
+    "Retry",
+    "MaxRetriesExceededError",
+    "Reject",
+    "Ignore",
+    "TaskRevokedError",
+    "SoftTimeLimitExceeded",
+    "TimeLimitExceeded",
+    "ChordError",
+    "WorkerLostError",
+    "BrokerConnectionError",
+    "ResultsDisabled",
+    "RemoteTaskError",
+]
+
+
+class CeleriacError(Exception):
+    """Base class of every Celeriac error."""
+
+
+class ImproperlyConfigured(CeleriacError):
+    """A setting has a value that cannot work; the message names the setting."""
+
+
+class PluginNotFound(ImproperlyConfigured):
+    """No installed plugin provides the requested URL scheme or pool name."""
+
+
+class NotRegistered(CeleriacError, KeyError):
+    """The task name is not registered in this app."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "task not registered"
+
+
+class DecodeError(CeleriacError):
+    """A message body or header could not be decoded."""
+
+
+class ContentDisallowed(DecodeError):
+    """The content type is not in ``accept_content``."""
+
+
+class InvalidMessage(DecodeError):
+    """A message does not follow protocol v1 or v2."""
+
+
+class TimeoutError(CeleriacError):  # noqa: A001 - Celery's public name
+    """Waiting for a result took longer than the timeout."""
+
+
+class ResultsDisabled(CeleriacError):
+    """Results were asked for but no result backend is configured."""
+
+
+class Retry(CeleriacError):
+    """Raised by ``Task.retry`` to end the current run; the task was re-sent."""
+
+    def __init__(self, message: str | None = None, exc: BaseException | None = None,
+                 when: Any = None) -> None:
+        self.message = message
+        self.exc = exc
+        self.when = when
+        super().__init__(message or f"Retry in {when}", exc)
+
+    def __str__(self) -> str:
+        if self.exc is not None:
+            return f"Retry in {self.when}: {self.exc!r}"
+        return f"Retry in {self.when}"
+
+
+class MaxRetriesExceededError(CeleriacError):
+    """The task was retried ``max_retries`` times already."""
+
+
+class Reject(CeleriacError):
+    """Raise inside a task to reject its message (``requeue=True`` puts it back)."""
+
+    def __init__(self, reason: Any = None, requeue: bool = False) -> None:
+        self.reason = reason
+        self.requeue = requeue
+        super().__init__(reason, requeue)
+
+
+class Ignore(CeleriacError):
+    """Raise inside a task to end it without storing any state."""
+
+
+class TaskRevokedError(CeleriacError):
+    """The task was revoked or expired before it ran."""
+
+
+class SoftTimeLimitExceeded(CeleriacError):
+    """Raised inside a task when its soft time limit passes."""
+
+
+class TimeLimitExceeded(CeleriacError):
+    """The task ran past its hard time limit."""
+
+
+class ChordError(CeleriacError):
+    """A chord's header had a failed member, so its body cannot run."""
+
+
+class WorkerLostError(CeleriacError):
+    """The process running the task died."""
+
+
+class BrokerConnectionError(CeleriacError):
+    """The broker cannot be reached; the message names the URL (password masked)."""
+
+
+class RemoteTaskError(CeleriacError):
+    """A task failed with an exception type that cannot be imported here.
+
+    ``exc_type`` and ``exc_module`` name the original type.
+    """
+
+    def __init__(self, exc_type: str, exc_module: str | None, message: Any) -> None:
+        self.exc_type = exc_type
+        self.exc_module = exc_module
+        self.exc_message = message
+        super().__init__(f"{exc_module + '.' if exc_module else ''}{exc_type}: {message}")

@@ -1,0 +1,37 @@
+"""Plugin system: hook specs (:mod:`celeriac.plugins.hookspecs`) and the manager.
+
+Plugin authors import ``hookimpl`` from here::
+
+    from celeriac.plugins import hookimpl
+
+    @hookimpl
+    def celeriac_brokers():
+        return {"mybroker": MyBroker}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from celeriac.plugins.hookspecs import hookimpl, hookspec
+
+if TYPE_CHECKING:
+    from celeriac.backends.base import ResultBackend
+    from celeriac.broker.base import Broker
+
+__all__ = ["hookimpl", "hookspec", "create_broker", "create_backend"]
+
+
+def create_broker(url: str, conf: Mapping[str, Any]) -> Broker:
+    """Create the broker for ``url`` through whichever plugin provides its scheme."""
+    from celeriac.plugins.manager import broker_factory
+
+    return broker_factory(url)(url, conf)  # type: ignore[no-any-return]
+
+
+def create_backend(url: str, conf: Mapping[str, Any]) -> ResultBackend:
+    """Create the result backend for ``url`` through whichever plugin provides its scheme."""
+    from celeriac.plugins.manager import backend_factory
+
+    return backend_factory(url)(url, conf)  # type: ignore[no-any-return]

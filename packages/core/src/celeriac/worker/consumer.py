@@ -1,0 +1,258 @@
+"""The task consumer: fetch from the broker, decode, hold ETAs, rate-limit, hand to the pool.
+
+It owns the broker consumer and runs in the worker's main thread. It fetches only as many
+messages as the prefetch window allows (``concurrency * worker_prefetch_multiplier``), so a
+worker never hoards what other workers could run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from celeriac import states
+from celeriac.backends.base import make_meta
+from celeriac.broker.base import Consumer, Delivery
+from celeriac.exceptions import (
+    BrokerConnectionError,
+    DecodeError,
+    NotRegistered,
+    SoftTimeLimitExceeded,
+    TimeLimitExceeded,
+)
+from celeriac.protocol import decode_task
+from celeriac.serialization import AcceptPolicy
+from celeriac.worker.request import Request
+from celeriac.worker.timer import Timer
+from celeriac.worker.trace import Tracer
+
+if TYPE_CHECKING:
+    from celeriac.app import Celeriac
+    from celeriac.worker.pool import Pool
+
+__all__ = ["TaskConsumer", "TokenBucket", "parse_rate"]
+
+logger = logging.getLogger("celeriac.worker")
+
+
+def parse_rate(rate: Any) -> float | None:
+    """``"10/s"``, ``"100/m"``, ``"5/h"`` or a number (per second) as tasks per second."""
+    if rate in (None, "", 0, "0"):
+        return None
+    if isinstance(rate, (int, float)):
+        return float(rate)
+    count, _, unit = str(rate).partition("/")
+    seconds = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(unit.strip()[:1] or "s")
+    if seconds is None:
+        raise ValueError(f"Invalid rate limit {rate!r}: use 'N/s', 'N/m' or 'N/h'.")
+    return float(count) / seconds
+
+
+class TokenBucket:
+    """A token bucket of capacity 1 (Celery's per-task rate limit)."""
+
+    __slots__ = ("rate", "next_free")
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.next_free = 0.0
+
+    def reserve(self) -> float:
+        """Take the next slot; return how long to wait for it (0 when free now)."""
+        now = time.monotonic()
+        start = max(now, self.next_free)
+        self.next_free = start + 1.0 / self.rate
+        return start - now
+
+
+class TaskConsumer:
+    """Moves messages from the broker to the pool until :meth:`stop`."""
+
+    def __init__(self, app: Celeriac, consumer: Consumer, pool: Pool, hostname: str,
+                 prefetch: int, fetch_timeout: float = 1.0) -> None:
+        self.app = app
+        self.consumer = consumer
+        self.pool = pool
+        self.hostname = hostname
+        self.prefetch = prefetch if prefetch > 0 else 1000
+        self.fetch_timeout = fetch_timeout
+        self.tracer = Tracer(app, consumer, hostname)
+        self.accept = AcceptPolicy(app.conf.get("accept_content") or ["json"])
+        self.timer = Timer()
+        self.reserved = 0
+        self.active: dict[str, Request] = {}
+        self.held: dict[str, Request] = {}
+        self.processed = 0
+        self._lock = threading.Lock()
+        self._capacity = threading.Event()
+        self._stopping = threading.Event()
+        self._buckets: dict[str, TokenBucket | None] = {}
+        self._rate_limits_enabled = not app.conf.get("worker_disable_rate_limits")
+        self._default_time_limit = app.conf.get("task_time_limit")
+        self._default_soft_limit = app.conf.get("task_soft_time_limit")
+
+    # -- loop ---------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Consume until :meth:`stop` is called."""
+        backoff = 1.0
+        while not self._stopping.is_set():
+            window = self.prefetch - self.reserved
+            if window <= 0:
+                self.consumer.flush()
+                self._capacity.wait(0.05)
+                self._capacity.clear()
+                continue
+            try:
+                deliveries = self.consumer.fetch(window, self.fetch_timeout)
+                backoff = 1.0
+            except BrokerConnectionError as exc:
+                logger.error("Connection to the broker lost: %s. Trying again in %.0f s.", exc, backoff)
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            for delivery in deliveries:
+                self.on_delivery(delivery)
+
+    def stop(self) -> None:
+        """Stop fetching (the loop ends within ``fetch_timeout``)."""
+        self._stopping.set()
+        self._capacity.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called."""
+        return self._stopping.is_set()
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def on_delivery(self, delivery: Delivery) -> None:
+        """Decode one delivery and schedule it; bad messages are rejected and logged once."""
+        headers = delivery.message.headers if isinstance(delivery.message.headers, dict) else {}
+        task_id = headers.get("id") or delivery.message.properties.get("correlation_id")
+        try:
+            message = decode_task(delivery.message, self.accept)
+        except DecodeError as exc:
+            logger.error("Rejected message %s from queue %s: %s", task_id or "<no id>", delivery.queue, exc)
+            self._reject_bad(delivery, task_id, exc)
+            return
+        except Exception as exc:
+            logger.error("Rejected malformed message %s from queue %s: %r", task_id or "<no id>",
+                         delivery.queue, exc)
+            self._reject_bad(delivery, task_id, exc)
+            return
+        task = self.app.tasks.get(message.name)
+        if task is None:
+            error = NotRegistered(f"Received unregistered task of type {message.name!r}.")
+            logger.error("%s The message %s was rejected. Did you import the module that defines "
+                         "it (include=[...])?", error, message.id)
+            self._reject_bad(delivery, message.id, error)
+            return
+        try:
+            request = Request(task, message, delivery, self.hostname)
+        except Exception as exc:
+            logger.error("Rejected task %s[%s]: bad headers: %r", message.name, message.id, exc)
+            self._reject_bad(delivery, message.id, exc)
+            return
+        if request.time_limit is None:
+            request.time_limit = self._default_time_limit
+        if request.soft_time_limit is None:
+            request.soft_time_limit = self._default_soft_limit
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("Task %s[%s] received", request.name, request.id)
+        if request.eta is not None and request.eta > time.time():
+            self.held[request.id] = request
+            self.timer.call_at(request.eta, lambda: self._release_held(request), tag=request)
+            return
+        self.dispatch(request)
+
+    def _reject_bad(self, delivery: Delivery, task_id: str | None, exc: BaseException) -> None:
+        try:
+            self.consumer.reject(delivery, requeue=False)
+        except Exception:
+            logger.exception("Could not reject message %s", task_id)
+        backend = self.tracer.backend
+        if task_id and backend is not None and isinstance(task_id, str):
+            try:
+                backend.store(task_id, make_meta(task_id, states.FAILURE, exc),
+                              reply_to=delivery.message.properties.get("reply_to"),
+                              correlation_id=task_id)
+            except Exception:
+                logger.exception("Could not store the failure of message %s", task_id)
+
+    def _release_held(self, request: Request) -> None:
+        if self.held.pop(request.id, None) is None or self._stopping.is_set():
+            return
+        self.dispatch(request)
+
+    # -- dispatching --------------------------------------------------------------------------
+
+    def _bucket(self, request: Request) -> TokenBucket | None:
+        name = request.task.name
+        if name not in self._buckets:
+            rate = request.task.rate_limit or self.app.conf.get("task_default_rate_limit")
+            parsed = parse_rate(rate) if self._rate_limits_enabled else None
+            self._buckets[name] = TokenBucket(parsed) if parsed else None
+        return self._buckets[name]
+
+    def dispatch(self, request: Request) -> None:
+        """Send ``request`` to the pool now, or when its rate limit allows."""
+        with self._lock:
+            self.reserved += 1
+        bucket = self._bucket(request)
+        if bucket is not None:
+            wait = bucket.reserve()
+            if wait > 0:
+                self.timer.call_later(wait, lambda: self._submit(request))
+                return
+        self._submit(request)
+
+    def _submit(self, request: Request) -> None:
+        with self._lock:
+            self.active[request.id] = request
+        request.handle = self.pool.apply_async(self._execute, (request,), self._on_done)
+        if self.pool.soft_time_limits:
+            if request.soft_time_limit:
+                self.timer.call_later(float(request.soft_time_limit),
+                                      lambda: self._interrupt(request, SoftTimeLimitExceeded))
+            if request.time_limit:
+                self.timer.call_later(float(request.time_limit),
+                                      lambda: self._interrupt(request, TimeLimitExceeded))
+
+    def _interrupt(self, request: Request, exc_type: type[BaseException]) -> None:
+        if request.id in self.active and self.pool.raise_soft_timeout(request.handle, exc_type):
+            logger.warning("Task %s[%s]: %s", request.name, request.id, exc_type.__name__)
+
+    def _execute(self, request: Request) -> Request:
+        if self._stopping.is_set() and not request.acked:
+            # Warm shutdown: work not started yet goes back to the broker.
+            self.tracer.reject(request, requeue=True)
+            return request
+        return self.tracer.run(request)
+
+    def _on_done(self, request: Any) -> None:
+        with self._lock:
+            self.reserved -= 1
+            self.processed += 1
+            if isinstance(request, Request):
+                self.active.pop(request.id, None)
+        self._capacity.set()
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    def requeue_held(self) -> None:
+        """Give ETA-held messages back to the broker (warm shutdown)."""
+        self.timer.clear()
+        for request in list(self.held.values()):
+            self.tracer.reject(request, requeue=True)
+        self.held.clear()
+
+    def close(self) -> None:
+        """Stop the timer and close the broker consumer (unacked messages are requeued)."""
+        self.timer.stop()
+        try:
+            self.consumer.flush()
+        finally:
+            self.consumer.close()

@@ -1,0 +1,143 @@
+"""The pool SPI and the built-in ``solo`` and ``threads`` pools.
+
+A pool runs ``target(*args)`` for the worker and reports back through ``callback(result)``. The
+worker never waits on the pool: it submits while free slots remain (``Pool.limit``) and the pool
+calls back from its own thread. A process pool receives only picklable targets (module-level
+functions and plain data).
+"""
+
+from __future__ import annotations
+
+import abc
+import ctypes
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+__all__ = ["Pool", "SoloPool", "ThreadPool"]
+
+Callback = Callable[[Any], None]
+
+
+class Pool(abc.ABC):
+    """Runs task executions with bounded concurrency.
+
+    ``callback`` is called with the target's return value (targets never raise: the worker's
+    execution function catches everything). ``apply_async`` is called from one thread only.
+    """
+
+    name: ClassVar[str] = "?"
+    #: True when :meth:`raise_soft_timeout` can interrupt a running task.
+    soft_time_limits: ClassVar[bool] = False
+
+    def __init__(self, concurrency: int = 1, app: Any = None, **options: Any) -> None:
+        self.concurrency = max(1, int(concurrency))
+        self.app = app
+        self.options = options
+
+    @classmethod
+    def early_init(cls) -> None:
+        """Prepare the process before the app is imported (green pools monkey-patch here)."""
+
+    @property
+    def limit(self) -> int:
+        """How many tasks may run at once."""
+        return self.concurrency
+
+    def start(self) -> None:
+        """Start worker threads or processes."""
+
+    @abc.abstractmethod
+    def apply_async(self, target: Callable[..., Any], args: tuple[Any, ...], callback: Callback) -> Any:
+        """Run ``target(*args)`` and then ``callback(result)``; return a job handle."""
+
+    def raise_soft_timeout(self, handle: Any, exc_type: type[BaseException]) -> bool:
+        """Raise ``exc_type`` inside the running job ``handle``; False when not possible."""
+        return False
+
+    def stop(self, wait: bool = True) -> None:
+        """Stop the pool; with ``wait`` finish the jobs already submitted first."""
+
+
+class SoloPool(Pool):
+    """Runs each task inline in the thread that submits it: concurrency 1, no threads."""
+
+    name = "solo"
+
+    def __init__(self, concurrency: int = 1, app: Any = None, **options: Any) -> None:
+        super().__init__(1, app, **options)
+
+    def apply_async(self, target: Callable[..., Any], args: tuple[Any, ...], callback: Callback) -> Any:
+        callback(target(*args))
+        return None
+
+
+_STOP = object()
+
+
+class _JobHandle:
+    __slots__ = ("thread_id", "done")
+
+    def __init__(self) -> None:
+        self.thread_id: int | None = None
+        self.done = False
+
+
+class ThreadPool(Pool):
+    """A fixed set of threads fed from one queue."""
+
+    name = "threads"
+    soft_time_limits = True
+
+    def __init__(self, concurrency: int = 1, app: Any = None, **options: Any) -> None:
+        super().__init__(concurrency, app, **options)
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        for index in range(self.concurrency):
+            thread = threading.Thread(target=self._run, name=f"ThreadPoolWorker-{index + 1}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _run(self) -> None:
+        get = self._jobs.get
+        while True:
+            job = get()
+            if job is _STOP:
+                return
+            handle, target, args, callback = job
+            handle.thread_id = threading.get_ident()
+            try:
+                result = target(*args)
+            except BaseException as exc:  # SoftTimeLimitExceeded landing after the task ended
+                result = exc
+            with self._lock:
+                handle.done = True
+            callback(result)
+
+    def apply_async(self, target: Callable[..., Any], args: tuple[Any, ...], callback: Callback) -> Any:
+        if not self._threads:
+            self.start()
+        handle = _JobHandle()
+        self._jobs.put((handle, target, args, callback))
+        return handle
+
+    def raise_soft_timeout(self, handle: Any, exc_type: type[BaseException]) -> bool:
+        with self._lock:
+            if handle is None or handle.done or handle.thread_id is None:
+                return False
+            applied = ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(handle.thread_id), ctypes.py_object(exc_type)
+            )
+        return bool(applied == 1)
+
+    def stop(self, wait: bool = True) -> None:
+        for _ in self._threads:
+            self._jobs.put(_STOP)
+        if wait:
+            for thread in self._threads:
+                thread.join()
+        self._threads.clear()

@@ -1,0 +1,84 @@
+"""A task request: one decoded message the worker has accepted, with its delivery."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from celeriac.broker.base import Delivery
+from celeriac.protocol import TaskMessage
+from celeriac.task import Context, Task
+
+__all__ = ["Request", "parse_time"]
+
+
+def parse_time(value: Any) -> float | None:
+    """An ISO-8601 header value as a Unix timestamp (naive values are UTC), or None."""
+    if not value:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    when = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
+class Request:
+    """Everything the worker needs to run one task message."""
+
+    __slots__ = ("task", "message", "delivery", "eta", "expires", "time_limit",
+                 "soft_time_limit", "acked", "started_at", "handle", "hostname")
+
+    def __init__(self, task: Task[Any, Any], message: TaskMessage, delivery: Delivery,
+                 hostname: str) -> None:
+        self.task = task
+        self.message = message
+        self.delivery = delivery
+        headers = message.headers
+        self.eta = parse_time(headers.get("eta"))
+        self.expires = parse_time(headers.get("expires"))
+        hard, soft = (list(headers.get("timelimit") or ()) + [None, None])[:2]
+        self.time_limit = hard if hard is not None else task.time_limit
+        self.soft_time_limit = soft if soft is not None else task.soft_time_limit
+        self.acked = False
+        self.started_at = 0.0
+        self.handle: Any = None
+        self.hostname = hostname
+
+    @property
+    def id(self) -> str:
+        """The task id."""
+        return self.message.id
+
+    @property
+    def name(self) -> str:
+        """The name used in logs (the shadow name when one was given)."""
+        return str(self.message.headers.get("shadow") or self.message.name)
+
+    @property
+    def acks_late(self) -> bool:
+        """True when this request is acked after it ran."""
+        return self.task.acks_late
+
+    def context(self) -> Context:
+        """The ``self.request`` seen by the task body."""
+        headers = self.message.headers
+        embed = self.message.embed
+        props = self.message.properties
+        delivery = self.delivery
+        return Context(
+            id=headers["id"], task=headers["task"], args=self.message.args,
+            kwargs=self.message.kwargs, retries=headers.get("retries") or 0, is_eager=False,
+            eta=headers.get("eta"), expires=headers.get("expires"), group=headers.get("group"),
+            group_index=headers.get("group_index"), root_id=headers.get("root_id") or headers["id"],
+            parent_id=headers.get("parent_id"), chord=embed.get("chord"), chain=embed.get("chain"),
+            callbacks=embed.get("callbacks"), errbacks=embed.get("errbacks"), headers=headers,
+            delivery_info={"exchange": delivery.exchange, "routing_key": delivery.routing_key,
+                           "priority": props.get("priority"), "redelivered": delivery.redelivered},
+            reply_to=props.get("reply_to"), correlation_id=props.get("correlation_id") or headers["id"],
+            hostname=self.hostname, origin=headers.get("origin"),
+            timelimit=(self.time_limit, self.soft_time_limit),
+            ignore_result=bool(headers.get("ignore_result")), shadow=headers.get("shadow"),
+            replaced_task_nesting=headers.get("replaced_task_nesting") or 0,
+        )

@@ -1,0 +1,278 @@
+"""Running one request: the task body, its result, retries, and advancing the canvas.
+
+:class:`Tracer.run` is what a pool executes. It never raises: every outcome becomes a stored
+state (unless results are ignored) and an ack or reject of the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback as tb
+from typing import TYPE_CHECKING, Any
+
+from celeriac import states
+from celeriac.backends.base import ResultBackend, decode_exception, encode_exception, make_meta
+from celeriac.canvas import Signature, maybe_signature
+from celeriac.exceptions import ChordError, Ignore, Reject, Retry, TaskRevokedError
+from celeriac.plugins.manager import lifecycle
+from celeriac.task import pop_request, push_request
+
+if TYPE_CHECKING:
+    from celeriac.app import Celeriac
+    from celeriac.broker.base import Consumer
+    from celeriac.worker.request import Request
+
+__all__ = ["Tracer"]
+
+logger = logging.getLogger("celeriac.worker")
+
+
+class Tracer:
+    """Executes requests for one worker: app, result backend, and the consumer to ack on."""
+
+    def __init__(self, app: Celeriac, consumer: Consumer, hostname: str) -> None:
+        self.app = app
+        self.consumer = consumer
+        self.hostname = hostname
+        self.backend: ResultBackend | None = app.backend
+        self.hooks = lifecycle()
+        self.revoked: set[str] = set()
+
+    # -- acknowledgement ----------------------------------------------------------------------
+
+    def ack(self, request: Request) -> None:
+        """Ack the request's message once."""
+        if not request.acked:
+            request.acked = True
+            self.consumer.ack(request.delivery)
+
+    def reject(self, request: Request, requeue: bool) -> None:
+        """Reject the request's message once."""
+        if not request.acked:
+            request.acked = True
+            self.consumer.reject(request.delivery, requeue=requeue)
+
+    # -- storing ------------------------------------------------------------------------------
+
+    def _keeps_result(self, request: Request, failed: bool = False) -> bool:
+        if self.backend is None:
+            return False
+        if request.message.headers.get("ignore_result") or request.task.ignore_result:
+            return failed and request.task.store_errors_even_if_ignored
+        return True
+
+    def store(self, request: Request, status: str, result: Any, traceback: str | None = None,
+              task_id: str | None = None) -> None:
+        """Store a state for the request (or for ``task_id``, e.g. a later chain step)."""
+        backend = self.backend
+        if backend is None:
+            return
+        headers = request.message.headers
+        tid = task_id or request.id
+        meta = make_meta(tid, status, result, traceback=traceback, group_id=headers.get("group")
+                         if task_id is None else None, parent_id=headers.get("parent_id"))
+        try:
+            backend.store(tid, meta, reply_to=request.message.properties.get("reply_to"),
+                          correlation_id=request.message.properties.get("correlation_id") or tid)
+        except Exception:
+            logger.exception("Could not store the %s state of task %s[%s]", status, request.name, tid)
+
+    # -- the run ------------------------------------------------------------------------------
+
+    def run(self, request: Request) -> Request:
+        """Execute ``request`` completely (state, canvas, ack). Never raises."""
+        try:
+            self._run(request)
+        except BaseException:  # the last line of defence: a worker thread must never die
+            logger.exception("Internal error while running task %s[%s]", request.name, request.id)
+            self.reject(request, requeue=False)
+        return request
+
+    def _run(self, request: Request) -> None:
+        task = request.task
+        if request.id in self.revoked or (request.expires is not None and time.time() > request.expires):
+            why = "revoked" if request.id in self.revoked else "expired"
+            logger.warning("Discarding %s task %s[%s]", why, request.name, request.id)
+            self.store(request, states.REVOKED, TaskRevokedError(why))
+            self.ack(request)
+            return
+        if not request.acks_late:
+            self.ack(request)
+        message = request.message
+        try:
+            task.check_arguments(message.args, message.kwargs)
+        except TypeError as exc:
+            logger.error("Task %s[%s] rejected: %s", request.name, request.id, exc)
+            self._on_failure(request, exc, f"TypeError: {exc}\n")
+            self.ack(request)
+            return
+        if task.track_started and self._keeps_result(request):
+            self.store(request, states.STARTED, {"pid": _pid(), "hostname": self.hostname})
+        context = request.context()
+        hooks = self.hooks
+        request.started_at = time.monotonic()
+        push_request(context)
+        try:
+            if hooks.prerun is not None:
+                hooks.prerun(task=task, task_id=request.id, args=message.args, kwargs=message.kwargs)
+            if task.bind:
+                retval = task.run(task, *message.args, **message.kwargs)
+            else:
+                retval = task.run(*message.args, **message.kwargs)
+        except Retry as exc:
+            pop_request()
+            self._on_retry(request, exc)
+            return
+        except Ignore:
+            pop_request()
+            self.ack(request)
+            return
+        except Reject as exc:
+            pop_request()
+            logger.info("Task %s[%s] rejected itself: %r", request.name, request.id, exc.reason)
+            self.reject(request, requeue=exc.requeue)
+            return
+        except BaseException as exc:
+            pop_request()
+            if not isinstance(exc, Exception) and not _is_time_limit(exc):
+                raise
+            countdown = task._autoretry_countdown(exc, context.retries)
+            if countdown is not None:
+                push_request(context)
+                try:
+                    task.retry(exc=exc, countdown=countdown)
+                except Retry as retry_exc:
+                    pop_request()
+                    self._on_retry(request, retry_exc)
+                    return
+                except BaseException:
+                    pop_request()
+                    raise
+            trace = tb.format_exc()
+            runtime = time.monotonic() - request.started_at
+            logger.error("Task %s[%s] raised unexpected: %r (%.4fs)\n%s", request.name, request.id,
+                         exc, runtime, trace)
+            self._on_failure(request, exc, trace)
+            if request.acks_late and not task.acks_on_failure_or_timeout:
+                self.reject(request, requeue=False)
+            else:
+                self.ack(request)
+            return
+        pop_request()
+        self._on_success(request, retval)
+        self.ack(request)
+
+    def _on_success(self, request: Request, retval: Any) -> None:
+        runtime = time.monotonic() - request.started_at
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("Task %s[%s] succeeded in %.6fs: %r", request.name, request.id, runtime, retval)
+        embed = request.message.embed
+        headers = request.message.headers
+        links = {"parent_id": request.id, "root_id": headers.get("root_id") or request.id}
+        try:
+            for callback in embed.get("callbacks") or ():
+                maybe_signature(callback, self.app).apply_async((retval,), **links)
+            chain = embed.get("chain")
+            if chain:
+                remaining = list(chain)
+                step = maybe_signature(remaining.pop(), self.app)
+                step.apply_async((retval,), chain=remaining or None, **links)
+        except Exception as exc:
+            logger.exception("Task %s[%s] succeeded but its next step could not be sent",
+                             request.name, request.id)
+            self.store(request, states.FAILURE, exc, tb.format_exc())
+            return
+        if self._keeps_result(request) or embed.get("chord"):
+            self.store(request, states.SUCCESS, retval)
+        if embed.get("chord"):
+            self._chord_part(request, states.SUCCESS, retval)
+        task = request.task
+        task.on_success(retval, request.id, request.message.args, request.message.kwargs)
+        if self.hooks.success is not None:
+            self.hooks.success(task=task, task_id=request.id, result=retval)
+        if self.hooks.postrun is not None:
+            self.hooks.postrun(task=task, task_id=request.id, state=states.SUCCESS, retval=retval)
+
+    def _on_failure(self, request: Request, exc: BaseException, trace: str) -> None:
+        embed = request.message.embed
+        if self._keeps_result(request, failed=True) or embed.get("chord") or embed.get("chain"):
+            self.store(request, states.FAILURE, exc, trace)
+            # Waiting clients hold the ids of later chain steps: fail those too.
+            for step in embed.get("chain") or ():
+                step_id = (step.get("options") or {}).get("task_id")
+                if step_id:
+                    self.store(request, states.FAILURE, exc, trace, task_id=step_id)
+        if embed.get("chord"):
+            self._chord_part(request, states.FAILURE, encode_exception(exc))
+        for errback in embed.get("errbacks") or ():
+            try:
+                maybe_signature(errback, self.app).apply_async((request.id,), parent_id=request.id)
+            except Exception:
+                logger.exception("Could not send the errback of task %s[%s]", request.name, request.id)
+        task = request.task
+        task.on_failure(exc, request.id, request.message.args, request.message.kwargs, trace)
+        if self.hooks.failure is not None:
+            self.hooks.failure(task=task, task_id=request.id, exc=exc, traceback=trace)
+        if self.hooks.postrun is not None:
+            self.hooks.postrun(task=task, task_id=request.id, state=states.FAILURE, retval=exc)
+
+    def _on_retry(self, request: Request, exc: Retry) -> None:
+        logger.info("Task %s[%s] retry: %s", request.name, request.id, exc)
+        if self._keeps_result(request):
+            self.store(request, states.RETRY, exc.exc if exc.exc is not None else exc)
+        request.task.on_retry(exc.exc or exc, request.id, request.message.args,
+                              request.message.kwargs, None)
+        if self.hooks.retry is not None:
+            self.hooks.retry(task=request.task, task_id=request.id, reason=exc.exc)
+        self.ack(request)
+
+    def _chord_part(self, request: Request, state: str, result: Any) -> None:
+        headers = request.message.headers
+        group_id = headers.get("group")
+        body_data = request.message.embed.get("chord")
+        if not group_id or not body_data or self.backend is None:
+            return
+        try:
+            entries = self.backend.chord_part_return(group_id, headers.get("group_index"),
+                                                     request.id, state, result)
+        except Exception:
+            logger.exception("Chord %s: could not record member %s", group_id, request.id)
+            return
+        if entries is None:
+            return
+        body = maybe_signature(body_data, self.app)
+        failed = [(tid, st, res) for tid, st, res in entries if st in states.PROPAGATE_STATES]
+        if failed:
+            tid, _, res = failed[0]
+            error = ChordError(f"Dependency {tid} raised {decode_exception(res)!r}")
+            self._fail_chord_body(request, body, error)
+            return
+        try:
+            body.apply_async(([res for _, _, res in entries],))
+        except Exception as exc:
+            logger.exception("Chord %s: could not send the body", group_id)
+            self._fail_chord_body(request, body, exc)
+
+    def _fail_chord_body(self, request: Request, body: Signature, error: BaseException) -> None:
+        body_id = body.options.get("task_id")
+        logger.error("Chord body %s[%s] failed: %s", body.name, body_id, error)
+        if body_id:
+            self.store(request, states.FAILURE, error, None, task_id=body_id)
+        for errback in body.options.get("link_error") or ():
+            try:
+                maybe_signature(errback, self.app).apply_async((body_id,))
+            except Exception:
+                logger.exception("Could not send the errback of chord body %s", body_id)
+
+
+def _is_time_limit(exc: BaseException) -> bool:
+    from celeriac.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+
+    return isinstance(exc, (SoftTimeLimitExceeded, TimeLimitExceeded))
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()

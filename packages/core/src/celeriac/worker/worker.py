@@ -1,0 +1,284 @@
+"""The worker: connects, declares queues, starts the pool and the consumer, shuts down cleanly."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from celeriac import __version__
+from celeriac.broker.base import mask_url
+from celeriac.exceptions import BrokerConnectionError
+from celeriac.plugins.manager import available_pools, plugin_infos, pool_factory
+from celeriac.routing import Queue
+from celeriac.worker.consumer import TaskConsumer
+
+if TYPE_CHECKING:
+    from celeriac.app import Celeriac
+    from celeriac.worker.pool import Pool
+
+__all__ = ["Worker", "default_pool_name", "expand_hostname", "setup_logging", "LOG_FORMAT"]
+
+logger = logging.getLogger("celeriac.worker")
+
+LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
+
+
+def setup_logging(loglevel: str | int = "INFO", logfile: str | None = None) -> None:
+    """Configure the root logger with the worker's format."""
+    level = loglevel if isinstance(loglevel, int) else logging.getLevelName(str(loglevel).upper())
+    if not isinstance(level, int):
+        raise ValueError(f"Unknown log level {loglevel!r}: use DEBUG, INFO, WARNING, ERROR or CRITICAL.")
+    handler: logging.Handler = logging.FileHandler(logfile) if logfile else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def default_pool_name() -> str:
+    """``prefork`` when ``celeriac-prefork`` is installed, else ``threads``."""
+    return "prefork" if "prefork" in available_pools() else "threads"
+
+
+def expand_hostname(template: str | None) -> str:
+    """Expand ``%h`` (full host), ``%n`` (name part) and ``%d`` (domain) in a node name."""
+    host = socket.gethostname()
+    name, _, domain = host.partition(".")
+    if not template:
+        return f"celery@{host}"
+    return template.replace("%h", host).replace("%n", name).replace("%d", domain)
+
+
+class Worker:
+    """One worker process: ``Worker(app, concurrency=4, queues=['celery']).start()``.
+
+    :meth:`start` blocks until a shutdown and returns the exit code. :meth:`stop` may be
+    called from any thread (tests run a worker in a thread and stop it this way).
+    """
+
+    def __init__(self, app: Celeriac, *, hostname: str | None = None, concurrency: int | None = None,
+                 pool: str | None = None, queues: Sequence[str] | None = None,
+                 exclude_queues: Sequence[str] | None = None, prefetch_multiplier: int | None = None,
+                 events: bool = False, time_limit: float | None = None,
+                 soft_time_limit: float | None = None, max_tasks_per_child: int | None = None,
+                 install_signals: bool = False, ready_callback: Callable[[Worker], None] | None = None,
+                 fetch_timeout: float = 1.0, detached: bool = False) -> None:
+        self.app = app
+        self.hostname = expand_hostname(hostname)
+        self.pool_name = pool or default_pool_name()
+        self.pool_chosen_implicitly = pool is None
+        conf_concurrency = app.conf.get("worker_concurrency")
+        self.concurrency = int(concurrency or conf_concurrency or os.cpu_count() or 1)
+        if self.pool_name == "solo":
+            self.concurrency = 1
+        multiplier = prefetch_multiplier
+        if multiplier is None:
+            multiplier = app.conf.get("worker_prefetch_multiplier")
+        self.prefetch = self.concurrency * int(multiplier if multiplier is not None else 4)
+        self.events = events or bool(app.conf.get("worker_send_task_events"))
+        if time_limit is not None:
+            app.conf["task_time_limit"] = time_limit
+        if soft_time_limit is not None:
+            app.conf["task_soft_time_limit"] = soft_time_limit
+        self.max_tasks_per_child = max_tasks_per_child
+        self.install_signals = install_signals
+        self.ready_callback = ready_callback
+        self.fetch_timeout = fetch_timeout
+        self.detached = detached
+        self.queues = self._select_queues(queues, exclude_queues)
+        self.task_consumer: TaskConsumer | None = None
+        self.pool: Pool | None = None
+        self.exit_code = 0
+        self.ready = threading.Event()
+        self._cold = False
+        self._restart = False
+        self._sigint_count = 0
+        self._stop_requested = threading.Event()
+
+    def _select_queues(self, names: Sequence[str] | None, exclude: Sequence[str] | None) -> list[Queue]:
+        router = self.app.router
+        if names:
+            selected = [router.queue(n.strip()) for n in names if n.strip()]
+        else:
+            configured = self.app.conf.get("task_queues")
+            selected = list(router.queues.values()) if configured else [
+                router.queues[self.app.conf["task_default_queue"]]]
+        excluded = {n.strip() for n in exclude or ()}
+        return [q for q in selected if q.name not in excluded]
+
+    # -- banner -------------------------------------------------------------------------------
+
+    def banner(self) -> str:
+        """The startup banner, in Celery's layout."""
+        broker = self.app.broker
+        backend_url = self.app.backend_url
+        transport = mask_url(self.app.broker_url)
+        if broker.description:
+            transport += f" ({broker.description})"
+        if not self.app.conf.get("broker_url"):
+            transport += " - the default: no broker configured, nothing to install"
+        pool_note = self.pool_name + (" (default)" if self.pool_chosen_implicitly else "")
+        app_name = f"{self.app.main or '__main__'}:{id(self.app):#x}"
+        events = "ON" if self.events else "OFF (enable -E to monitor tasks in this worker)"
+        lines = [
+            "",
+            f" -------------- {self.hostname} v{__version__} (celeriac)",
+            "--- ***** -----",
+            f"-- ******* ---- {platform.platform()} {time.strftime('%Y-%m-%d %H:%M:%S')}",
+            "- *** --- * ---",
+            "- ** ---------- [Configuration]",
+            f"- ** ---------- .> app:         {app_name}",
+            f"- ** ---------- .> transport:   {transport}",
+            f"- ** ---------- .> results:     {mask_url(backend_url) if backend_url else 'disabled://'}",
+            f"- *** --- * --- .> concurrency: {self.concurrency} ({pool_note})",
+            f"-- ******* ---- .> task events: {events}",
+            "--- ***** -----",
+            " -------------- [Queues]",
+        ]
+        for queue in self.queues:
+            exchange = queue.exchange
+            assert exchange is not None
+            lines.append(f"                .> {queue.name:<16} exchange={exchange.name}({exchange.type}) "
+                         f"key={queue.binding_key}")
+        lines.append("")
+        lines.append("[Plugins]")
+        for info in plugin_infos():
+            status = f"FAILED: {info.error}" if info.error else info.provides()
+            lines.append(f"  . {info.name} ({info.distribution} {info.version}): {status}")
+        lines.append("")
+        lines.append("[Tasks]")
+        for name in sorted(self.app.tasks):
+            if not name.startswith("celery."):
+                lines.append(f"  . {name}")
+        lines.append("")
+        return "\n".join(lines)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def _connect(self) -> bool:
+        conf = self.app.conf
+        retry = bool(conf.get("broker_connection_retry"))
+        max_retries = int(conf.get("broker_connection_max_retries") or 0)
+        attempt = 0
+        delay = 1.0
+        while True:
+            try:
+                broker = self.app.broker
+                broker.connect()
+                for queue in self.queues:
+                    broker.declare(queue)
+                return True
+            except BrokerConnectionError as exc:
+                attempt += 1
+                if not retry or (max_retries and attempt > max_retries):
+                    logger.critical("Cannot connect to %s: %s. Giving up.", mask_url(self.app.broker_url), exc)
+                    return False
+                logger.error("Cannot connect to %s: %s. Trying again in %.0f s (attempt %d).",
+                             mask_url(self.app.broker_url), exc, delay, attempt)
+                if self._stop_requested.wait(delay):
+                    return False
+                delay = min(delay * 2, 32.0)
+
+    def start(self) -> int:
+        """Run until shut down; return the process exit code (0 after a warm shutdown)."""
+        if self.install_signals:
+            self._install_signal_handlers()
+        self.app.import_includes()
+        if not self._connect():
+            return 1
+        factory = pool_factory(self.pool_name)
+        self.pool = factory(concurrency=self.concurrency, app=self.app)
+        self.pool.start()
+        consumer = self.app.broker.consumer(self.queues, self.prefetch)
+        self.task_consumer = TaskConsumer(self.app, consumer, self.pool, self.hostname,
+                                          self.prefetch, self.fetch_timeout)
+        if self._stop_requested.is_set():
+            self.task_consumer.stop()
+        logger.info("%s ready.", self.hostname)
+        self.ready.set()
+        if self.ready_callback is not None:
+            self.ready_callback(self)
+        try:
+            self.task_consumer.run()
+        finally:
+            self._shutdown()
+        if self._restart:
+            self._reexec()
+        return self.exit_code
+
+    def _shutdown(self) -> None:
+        consumer = self.task_consumer
+        pool = self.pool
+        assert consumer is not None and pool is not None
+        if self._cold:
+            logger.warning("worker: Cold shutdown (%s)", "MainProcess")
+            consumer.timer.stop()
+            consumer.consumer.close()
+            pool.stop(wait=False)
+        else:
+            logger.warning("worker: Warm shutdown (%s)", "MainProcess")
+            consumer.requeue_held()
+            pool.stop(wait=True)
+            consumer.close()
+        self.app.close()
+
+    def stop(self, warm: bool = True, exit_code: int | None = None) -> None:
+        """Ask the worker to shut down: warm (finish running tasks) or cold. Thread-safe."""
+        if not warm:
+            self._cold = True
+        if exit_code is not None:
+            self.exit_code = exit_code
+        self._stop_requested.set()
+        if self.task_consumer is not None:
+            self.task_consumer.stop()
+
+    def _install_signal_handlers(self) -> None:
+        def on_term(signum: int, frame: Any) -> None:
+            self.stop(warm=True)
+
+        def on_int(signum: int, frame: Any) -> None:
+            self._sigint_count += 1
+            if self._sigint_count == 1:
+                sys.stderr.write("worker: Hitting Ctrl+C again will initiate cold shutdown, "
+                                 "terminating all running tasks!\n")
+                self.stop(warm=True, exit_code=1)
+            else:
+                self.stop(warm=False, exit_code=1)
+
+        def on_quit(signum: int, frame: Any) -> None:
+            self.stop(warm=False, exit_code=1)
+
+        def on_hup(signum: int, frame: Any) -> None:
+            logger.warning("worker: SIGHUP received, restarting.")
+            self._restart = True
+            self.stop(warm=True)
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_int)
+        if hasattr(signal, "SIGQUIT"):
+            signal.signal(signal.SIGQUIT, on_quit)
+        if hasattr(signal, "SIGHUP") and self.detached:
+            signal.signal(signal.SIGHUP, on_hup)
+
+    def _reexec(self) -> None:
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+    # -- helpers for embedding ----------------------------------------------------------------
+
+    def start_in_thread(self, timeout: float = 30.0) -> threading.Thread:
+        """Start in a daemon thread and wait until it is ready (tests, notebooks)."""
+        thread = threading.Thread(target=self.start, name=f"Worker-{self.hostname}", daemon=True)
+        thread.start()
+        if not self.ready.wait(timeout):
+            raise RuntimeError(f"The worker did not become ready within {timeout} s.")
+        return thread
