@@ -15,9 +15,15 @@ from typing import Any
 from celeriac.exceptions import InvalidMessage
 from celeriac.serialization import AcceptPolicy, get_serializer, loads
 
-__all__ = ["Message", "TaskMessage", "encode_task", "decode_task", "default_origin", "EMPTY_EMBED"]
+__all__ = ["STANDARD_HEADERS", "Message", "TaskMessage", "encode_task", "decode_task", "default_origin", "EMPTY_EMBED"]
 
 ARGSREPR_MAXSIZE = 1024
+#: Header keys protocol v2 defines; anything else in a message's headers is a user header.
+STANDARD_HEADERS = frozenset({
+    "lang", "task", "id", "shadow", "eta", "expires", "group", "group_index", "retries",
+    "timelimit", "root_id", "parent_id", "argsrepr", "kwargsrepr", "origin", "ignore_result",
+    "replaced_task_nesting", "stamped_headers", "stamps", "redelivered", "x-death", "compression",
+})
 EMPTY_EMBED: dict[str, Any] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 _repr = reprlib.Repr()

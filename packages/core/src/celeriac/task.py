@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from celeriac import states
 from celeriac.exceptions import MaxRetriesExceededError, Retry
+from celeriac.protocol import STANDARD_HEADERS
 
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
@@ -361,7 +362,8 @@ class Task(Generic[P, R]):
         if queue is None and delivery.get("exchange", "") == "" and delivery.get("routing_key"):
             queue = delivery["routing_key"]
         timelimit = request.timelimit or (None, None)
-        headers = {k: v for k, v in (request.headers or {}).items() if k != "x-death"} or None
+        headers = {k: v for k, v in (request.headers or {}).items()
+                   if k not in STANDARD_HEADERS} or None
         self.app.send_task(
             self.name, request.args if args is None else args,
             request.kwargs if kwargs is None else kwargs,

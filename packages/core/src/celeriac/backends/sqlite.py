@@ -158,14 +158,14 @@ class SQLiteBackend(ResultBackend):
     def wait(self, task_ids: Sequence[str], timeout: float | None = None,
              interval: float = 0.5) -> dict[str, dict[str, Any]]:
         """Poll until every id is ready, re-reading only when the database changed
-        (``PRAGMA data_version``), sleeping 1 ms doubling up to 50 ms. Raises TimeoutError."""
+        (``PRAGMA data_version``), sleeping 1 ms doubling up to 20 ms. Raises TimeoutError."""
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = list(dict.fromkeys(task_ids))
         done: dict[str, dict[str, Any]] = {}
         conn = self._conn()
         last_version: int | None = None
         delay = 0.001
-        max_delay = min(interval, 0.05) if interval > 0 else 0.05
+        max_delay = min(interval, 0.02) if interval > 0 else 0.02
         while True:
             version = conn.execute("PRAGMA data_version").fetchone()[0]
             if version != last_version:

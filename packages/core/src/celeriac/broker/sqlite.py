@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -46,13 +47,13 @@ from celeriac.protocol import Message
 from celeriac.routing import Queue
 from celeriac.serialization import json_dumps, json_loads
 
-__all__ = ["SQLiteBroker", "connect", "sqlite_path"]
+__all__ = ["DeadLetter", "SQLiteBroker", "connect", "sqlite_path"]
 
 logger = logging.getLogger(__name__)
 
 _CHUNK = 500  # ids per ``IN (...)`` list, below SQLite's host-parameter limit
 _BROADCAST_TTL = 60.0
-_MAX_POLL = 0.05
+_MAX_POLL = 0.02
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS celeriac_messages (
@@ -197,6 +198,26 @@ def _dumps(value: Any) -> str:
     return json_dumps(value).decode("utf-8")
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A row of ``celeriac_dead_letters``: why it is there and the raw stored message."""
+
+    id: int
+    queue: str
+    reason: str
+    rejected_at: float
+    headers: str
+    properties: str
+    content_type: str
+    content_encoding: str
+    body: bytes
+
+    def message(self) -> Message:
+        """Decode the stored message; raises ``ValueError`` for rows stored as undecodable."""
+        return Message(json_loads(self.headers), json_loads(self.properties), self.body,
+                       self.content_type, self.content_encoding)
+
+
 # -- consumer ---------------------------------------------------------------------------------
 
 
@@ -267,7 +288,6 @@ class _SQLiteConsumer(Consumer):
             self._stop.set()
             self.wake.set()
             with self.ops_lock:
-                self.requeues.extend(self.held)
                 self.held.clear()
             try:
                 self._flush_locked()
@@ -336,7 +356,7 @@ class _SQLiteConsumer(Consumer):
             if len(self.queues) == 1:
                 ids = [r[0] for r in conn.execute(
                     "SELECT id FROM celeriac_messages WHERE ready = 1 AND queue = ? "
-                    "ORDER BY priority DESC, id LIMIT ?", (self.queues[0], count))]
+                    "ORDER BY priority, id LIMIT ?", (self.queues[0], count))]
             else:
                 found: list[tuple[int, int]] = []
                 for name in self.queues:
@@ -401,7 +421,7 @@ class _SQLiteConsumer(Consumer):
         return out, bad
 
     def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
-        """Claim up to ``max_count`` deliveries, polling (1 ms .. 50 ms backoff) up to ``timeout``.
+        """Claim up to ``max_count`` deliveries, polling (1 ms .. 20 ms backoff) up to ``timeout``.
 
         Queued acks and rejects are flushed first. Raises ``BrokerConnectionError`` on a
         database error that is not a busy lock.
@@ -529,7 +549,8 @@ class SQLiteBroker(Broker):
     """The embedded broker: a WAL-mode SQLite file shared by the processes of one machine.
 
     Transport options (``broker_transport_options``): ``visibility_timeout`` (s, default 3600),
-    ``busy_timeout`` (s, default 30), ``polling_interval`` (longest poll sleep, default 0.05).
+    ``busy_timeout`` (s, default 30), ``polling_interval`` (longest poll sleep, default 0.02).
+    A closed broker reopens its connections if it is used again.
     Every method is thread-safe.
     """
 
@@ -553,7 +574,6 @@ class SQLiteBroker(Broker):
         self._consumers: set[_SQLiteConsumer] = set()
         self._subscriptions: set[_SQLiteSubscription] = set()
         self._last_prune = 0.0
-        self._closed = False
 
     # -- connections ------------------------------------------------------------------------
 
@@ -579,8 +599,6 @@ class SQLiteBroker(Broker):
         local = self._local
         conn: sqlite3.Connection | None = getattr(local, "conn", None)
         if conn is None or local.pid != os.getpid():
-            if self._closed:
-                raise BrokerConnectionError(f"The SQLite broker {self.path!r} is closed.")
             conn = self._new_connection()
             local.conn, local.pid = conn, os.getpid()
             with self._conn_lock:
@@ -731,17 +749,17 @@ class SQLiteBroker(Broker):
         self._declared.pop(queue, None)
         self._bindings.clear()
 
-    def dead_letters(self, queue: str | None = None) -> list[tuple[Message, str]]:
-        """The dead-lettered messages (of ``queue`` when given) with the reason, oldest first."""
-        sql = ("SELECT headers, properties, body, content_type, content_encoding, reason "
-               "FROM celeriac_dead_letters")
+    def dead_letters(self, queue: str | None = None) -> list[DeadLetter]:
+        """The dead-lettered rows (of ``queue`` when given), oldest first."""
+        sql = ("SELECT id, queue, reason, rejected_at, headers, properties, content_type, "
+               "content_encoding, body FROM celeriac_dead_letters")
         args: tuple[Any, ...] = ()
         if queue is not None:
             sql += " WHERE queue = ?"
             args = (queue,)
         rows = self._conn().execute(sql + " ORDER BY rejected_at, id", args).fetchall()
-        return [(Message(json_loads(h), json_loads(p), bytes(b), ct, ce), reason)
-                for h, p, b, ct, ce, reason in rows]
+        return [DeadLetter(int(r[0]), str(r[1]), str(r[2]), float(r[3]), str(r[4]), str(r[5]),
+                           str(r[6]), str(r[7]), bytes(r[8])) for r in rows]
 
     # -- broadcast --------------------------------------------------------------------------
 
@@ -779,7 +797,6 @@ class SQLiteBroker(Broker):
                 logger.warning("Closing an SQLite consumer failed: %s", exc)
         for sub in list(self._subscriptions):
             sub.close()
-        self._closed = True
         with self._conn_lock:
             connections, self._connections = self._connections, []
         for conn in connections:

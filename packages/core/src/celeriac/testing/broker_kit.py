@@ -25,6 +25,7 @@ messages that must arrive; raise it for slow brokers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -134,25 +135,17 @@ class BrokerKit:
     def cleanup(self) -> None:
         """Close consumers, subscriptions and extra brokers, then delete the queues."""
         for consumer in self.consumers:
-            try:
+            with contextlib.suppress(Exception):
                 consumer.close()
-            except Exception:  # noqa: BLE001 - cleanup must go on
-                pass
         for sub in self.subscriptions:
-            try:
+            with contextlib.suppress(Exception):
                 sub.close()
-            except Exception:  # noqa: BLE001
-                pass
         for other in self.extra_brokers:
-            try:
+            with contextlib.suppress(Exception):
                 other.close()
-            except Exception:  # noqa: BLE001
-                pass
         for queue in self.queues:
-            try:
+            with contextlib.suppress(Exception):
                 self.broker.delete_queue(queue.name)
-            except Exception:  # noqa: BLE001
-                pass
 
 
 def _tags(deliveries: list[Delivery]) -> list[str]:
@@ -216,8 +209,8 @@ class BrokerConformance:
         for key, value in headers.items():
             assert key in message.headers, f"header {key!r} lost"
             assert message.headers[key] == value, f"header {key!r} changed"
-        for key, value in properties.items():
-            assert message.properties.get(key) == value, f"property {key!r} changed"
+        for key, prop in properties.items():
+            assert message.properties.get(key) == prop, f"property {key!r} changed"
         consumer.ack(delivery)
 
     def test_large_binary_body(self, kit: BrokerKit) -> None:
@@ -371,8 +364,11 @@ class BrokerConformance:
         tags = _tags(got)
         assert len(tags) == len(set(tags)) == 400
         assert set(tags) == {f"t{w}-{i}" for w in range(8) for i in range(50)}
-        acks = [threading.Thread(target=lambda chunk=got[k::4]: [consumer.ack(d) for d in chunk])
-                for k in range(4)]
+        def ack_all(chunk: list[Delivery]) -> None:
+            for delivery in chunk:
+                consumer.ack(delivery)
+
+        acks = [threading.Thread(target=ack_all, args=(got[k::4],)) for k in range(4)]
         for thread in acks:
             thread.start()
         for thread in acks:
