@@ -24,9 +24,9 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from celeriac.broker.base import (
@@ -47,7 +47,7 @@ from celeriac.protocol import Message
 from celeriac.routing import Queue
 from celeriac.serialization import json_dumps, json_loads
 
-__all__ = ["DeadLetter", "SQLiteBroker", "connect", "sqlite_path"]
+__all__ = ["DeadLetter", "SQLiteBroker", "connect", "is_busy", "retry_busy", "sqlite_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,15 +144,21 @@ def sqlite_path(url: str, default: str) -> str:
     return os.path.abspath(path)
 
 
-def connect(path: str, busy_timeout: float) -> sqlite3.Connection:
-    """Open ``path`` in autocommit mode with WAL, ``synchronous=NORMAL`` and a busy timeout."""
+def connect(path: str, busy_timeout: float, native_busy: bool = True) -> sqlite3.Connection:
+    """Open ``path`` in autocommit mode with WAL and ``synchronous=NORMAL``.
+
+    With ``native_busy`` SQLite itself waits up to ``busy_timeout`` for a lock (sleeping at least
+    1 ms per try); without it a busy lock raises at once and the caller retries with
+    :func:`retry_busy`, which backs off from 0.1 ms and so keeps write latency low.
+    """
     directory = os.path.dirname(path)
     if directory and not os.path.isdir(directory):
         raise BrokerConnectionError(f"Cannot open SQLite database {path!r}: directory missing.")
     try:
-        conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
+        native = busy_timeout if native_busy else 0.0
+        conn = sqlite3.connect(path, timeout=native, isolation_level=None,
                                check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        conn.execute(f"PRAGMA busy_timeout = {int(native * 1000)}")
         for attempt in range(50):  # switching to WAL needs a moment alone with the file
             try:
                 mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
@@ -169,16 +175,51 @@ def connect(path: str, busy_timeout: float) -> sqlite3.Connection:
     return conn
 
 
+def is_busy(exc: BaseException) -> bool:
+    """True when ``exc`` is SQLite's "database is locked" (another writer holds the lock)."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED and their extended codes
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+_T = TypeVar("_T")
+
+
+def retry_busy(fn: Callable[[], _T], budget: float) -> _T:
+    """Call ``fn`` until it does not fail with a busy lock, backing off 0.1 ms .. 2 ms, for at
+    most ``budget`` seconds (then the last error is raised)."""
+    try:
+        return fn()
+    except sqlite3.OperationalError as exc:
+        if not is_busy(exc):
+            raise
+    deadline = time.monotonic() + budget
+    delay = 0.0001
+    while True:
+        time.sleep(delay)
+        delay = min(delay * 2, 0.002)
+        try:
+            return fn()
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() > deadline:
+                raise
+
+
 class _Tx:
-    """``with _Tx(conn):`` runs the block in one ``BEGIN IMMEDIATE`` transaction."""
+    """``with _Tx(conn, budget):`` runs the block in one ``BEGIN IMMEDIATE`` transaction,
+    waiting up to ``budget`` seconds for the write lock."""
 
-    __slots__ = ("conn",)
+    __slots__ = ("budget", "conn")
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, budget: float = 30.0) -> None:
         self.conn = conn
+        self.budget = budget
 
     def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
+        retry_busy(lambda: self.conn.execute("BEGIN IMMEDIATE"), self.budget)
         return self.conn
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
@@ -288,6 +329,7 @@ class _SQLiteConsumer(Consumer):
             self._stop.set()
             self.wake.set()
             with self.ops_lock:
+                self.requeues.extend(self.held)
                 self.held.clear()
             try:
                 self._flush_locked()
@@ -297,30 +339,43 @@ class _SQLiteConsumer(Consumer):
 
     # -- the fetching thread ----------------------------------------------------------------
 
-    def _flush_locked(self) -> None:
+    def _take_ops(self) -> tuple[list[int], list[int], list[int]]:
         with self.ops_lock:
-            acks, requeues, dead = self.acks, self.requeues, self.dead
+            ops = (self.acks, self.requeues, self.dead)
             self.acks, self.requeues, self.dead = [], [], []
-        if not (acks or requeues or dead):
-            return
-        try:
-            with _Tx(self.conn) as conn:
-                for marks, part in _chunks(acks):
-                    conn.execute(f"DELETE FROM celeriac_messages WHERE id IN ({marks})", part)
-                for marks, part in _chunks(requeues):
-                    conn.execute(
-                        "UPDATE celeriac_messages SET ready = 1, owner = NULL, visible_at = 0 "
-                        f"WHERE id IN ({marks}) AND owner = ?", (*part, self.owner))
-                for marks, part in _chunks(dead):
-                    self.broker._dead_letter(conn, part, "rejected")
-        except sqlite3.Error:
-            with self.ops_lock:  # keep them for the next flush
-                self.acks[:0] = acks
-                self.requeues[:0] = requeues
-                self.dead[:0] = dead
-            raise
+        return ops
+
+    def _restore_ops(self, ops: tuple[list[int], list[int], list[int]]) -> None:
+        with self.ops_lock:  # keep them for the next flush
+            self.acks[:0] = ops[0]
+            self.requeues[:0] = ops[1]
+            self.dead[:0] = ops[2]
+
+    def _apply_ops(self, conn: sqlite3.Connection,
+                   ops: tuple[list[int], list[int], list[int]]) -> None:
+        """Apply acks, requeues and dead-letterings inside the caller's transaction."""
+        acks, requeues, dead = ops
+        for marks, part in _chunks(acks):
+            conn.execute(f"DELETE FROM celeriac_messages WHERE id IN ({marks})", part)
+        for marks, part in _chunks(requeues):
+            conn.execute(
+                "UPDATE celeriac_messages SET ready = 1, owner = NULL, visible_at = 0 "
+                f"WHERE id IN ({marks}) AND owner = ?", (*part, self.owner))
+        if dead:
+            self.broker._dead_letter(conn, dead, "rejected")
         if requeues:
             self.last_version = None  # our own commit does not move data_version
+
+    def _flush_locked(self) -> None:
+        ops = self._take_ops()
+        if not (ops[0] or ops[1] or ops[2]):
+            return
+        try:
+            with _Tx(self.conn, self.broker.busy_timeout) as conn:
+                self._apply_ops(conn, ops)
+        except sqlite3.Error:
+            self._restore_ops(ops)
+            raise
 
     def _room(self, max_count: int) -> int:
         if self.prefetch > 0 and not self.no_ack:
@@ -347,16 +402,26 @@ class _SQLiteConsumer(Consumer):
         return row is not None
 
     def _claim(self, count: int) -> list[Delivery]:
-        now = time.time()
-        lease = now + self.broker.visibility_timeout
+        """Apply queued acks and claim up to ``count`` rows, in one transaction."""
+        ops = self._take_ops()
+        try:
+            return self._claim_tx(count, ops)
+        except sqlite3.Error:
+            self._restore_ops(ops)
+            raise
+
+    def _claim_tx(self, count: int, ops: tuple[list[int], list[int], list[int]]) -> list[Delivery]:
         conn = self.conn
-        with _Tx(conn):
+        with _Tx(conn, self.broker.busy_timeout):
+            self._apply_ops(conn, ops)
+            now = time.time()
+            lease = now + self.broker.visibility_timeout
             conn.execute("UPDATE celeriac_messages SET ready = 1, owner = NULL "
                          "WHERE ready = 0 AND visible_at <= ?", (now,))
             if len(self.queues) == 1:
                 ids = [r[0] for r in conn.execute(
                     "SELECT id FROM celeriac_messages WHERE ready = 1 AND queue = ? "
-                    "ORDER BY priority, id LIMIT ?", (self.queues[0], count))]
+                    "ORDER BY priority DESC, id LIMIT ?", (self.queues[0], count))]
             else:
                 found: list[tuple[int, int]] = []
                 for name in self.queues:
@@ -432,18 +497,19 @@ class _SQLiteConsumer(Consumer):
             while not self.closed:
                 self.wake.clear()
                 try:
-                    self._flush_locked()
+                    if self.requeues or self.dead:
+                        self._flush_locked()  # first, so the check below sees requeued rows
                     room = self._room(max_count)
                     if room > 0 and self._may_have_work():
-                        out = self._claim(room)
+                        out = self._claim(room)  # also applies the queued acks
                         if out:
                             return out
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) and "busy" not in str(exc):
+                    else:
+                        self._flush_locked()
+                except sqlite3.Error as exc:
+                    if not is_busy(exc):
                         raise BrokerConnectionError(f"SQLite broker error: {exc}") from exc
                     self.last_version = None
-                except sqlite3.Error as exc:
-                    raise BrokerConnectionError(f"SQLite broker error: {exc}") from exc
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -467,7 +533,7 @@ class _SQLiteConsumer(Consumer):
             lease = time.time() + self.broker.visibility_timeout
             try:
                 conn = self.broker._conn()
-                with _Tx(conn):
+                with _Tx(conn, self.broker.busy_timeout):
                     for marks, part in _chunks(held):
                         conn.execute(
                             "UPDATE celeriac_messages SET visible_at = ? "
@@ -489,7 +555,8 @@ class _SQLiteSubscription(Subscription):
         self.pattern = pattern
         self.conn = broker._new_connection()
         self.lock = threading.Lock()
-        row = self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM celeriac_broadcasts").fetchone()
+        row = retry_busy(lambda: self.conn.execute(
+            "SELECT COALESCE(MAX(id), 0) FROM celeriac_broadcasts").fetchone(), broker.busy_timeout)
         self.last_id: int = row[0]
         self.last_version: int | None = None
         self.closed = False
@@ -500,12 +567,17 @@ class _SQLiteSubscription(Subscription):
         delay = 0.001
         with self.lock:
             while not self.closed:
-                version = self.conn.execute("PRAGMA data_version").fetchone()[0]
-                if version != self.last_version:
-                    self.last_version = version
-                    out = self._read()
-                    if out:
-                        return out
+                try:
+                    version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+                    if version != self.last_version:
+                        self.last_version = version
+                        out = self._read()
+                        if out:
+                            return out
+                except sqlite3.Error as exc:
+                    if not is_busy(exc):
+                        raise BrokerConnectionError(f"SQLite broker error: {exc}") from exc
+                    self.last_version = None
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -578,14 +650,14 @@ class SQLiteBroker(Broker):
     # -- connections ------------------------------------------------------------------------
 
     def _new_connection(self) -> sqlite3.Connection:
-        conn = connect(self.path, self.busy_timeout)
+        conn = connect(self.path, self.busy_timeout, native_busy=False)
         if not self._ready:
             self._create_schema(conn)
         return conn
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         try:
-            with _Tx(conn):
+            with _Tx(conn, self.busy_timeout):
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
@@ -609,6 +681,11 @@ class SQLiteBroker(Broker):
         """Open the database and create the tables now."""
         self._conn()
 
+    def _execute(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
+        """Run one autocommit statement on this thread's connection, retrying a busy lock."""
+        conn = self._conn()
+        return retry_busy(lambda: conn.execute(sql, args), self.busy_timeout)
+
     def _forget_consumer(self, consumer: _SQLiteConsumer) -> None:
         self._consumers.discard(consumer)
         with _LOCAL_LOCK:
@@ -626,7 +703,7 @@ class SQLiteBroker(Broker):
         now = time.time()
         assert queue.exchange is not None
         try:
-            with _Tx(conn):
+            with _Tx(conn, self.busy_timeout):
                 conn.execute(
                     "INSERT OR REPLACE INTO celeriac_queues (name, durable, max_priority, "
                     "declared_at) VALUES (?, ?, ?, ?)",
@@ -648,7 +725,7 @@ class SQLiteBroker(Broker):
         cached = self._bindings.get(exchange)
         now = time.monotonic()
         if cached is None or now - cached[0] > 1.0:
-            rows = self._conn().execute(
+            rows = self._execute(
                 "SELECT exchange, exchange_type, routing_key, queue FROM celeriac_bindings "
                 "WHERE exchange = ?", (exchange,)).fetchall()
             cached = (now, [Binding(*row) for row in rows])
@@ -676,10 +753,9 @@ class SQLiteBroker(Broker):
             targets = self._targets(exchange, routing_key, queue)
             headers = _dumps(message.headers)
             properties = _dumps(message.properties)
-            conn = self._conn()
             for name in targets:
                 decl = self._declared.get(name)
-                conn.execute(
+                self._execute(
                     "INSERT INTO celeriac_messages (queue, priority, ready, visible_at, exchange, "
                     "routing_key, headers, properties, content_type, content_encoding, body, "
                     "published_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -724,25 +800,23 @@ class SQLiteBroker(Broker):
 
     def purge(self, queue: str) -> int:
         """Delete the ready and delayed (not leased) messages of ``queue``; return how many."""
-        conn = self._conn()
-        cur = conn.execute(
+        cur = self._execute(
             "DELETE FROM celeriac_messages WHERE queue = ? AND (ready = 1 OR owner IS NULL)",
             (queue,))
         return cur.rowcount
 
     def queue_size(self, queue: str) -> int | None:
         """Number of messages of ``queue`` deliverable now (delayed and leased ones excluded)."""
-        conn = self._conn()
-        ready = conn.execute("SELECT COUNT(*) FROM celeriac_messages WHERE queue = ? AND ready = 1",
-                             (queue,)).fetchone()[0]
-        due = conn.execute("SELECT COUNT(*) FROM celeriac_messages WHERE ready = 0 AND "
-                           "visible_at <= ? AND queue = ?", (time.time(), queue)).fetchone()[0]
+        ready = self._execute("SELECT COUNT(*) FROM celeriac_messages WHERE queue = ? AND "
+                              "ready = 1", (queue,)).fetchone()[0]
+        due = self._execute("SELECT COUNT(*) FROM celeriac_messages WHERE ready = 0 AND "
+                            "visible_at <= ? AND queue = ?", (time.time(), queue)).fetchone()[0]
         return int(ready) + int(due)
 
     def delete_queue(self, queue: str) -> None:
         """Delete ``queue``, all its messages (leased ones too) and its bindings."""
         conn = self._conn()
-        with _Tx(conn):
+        with _Tx(conn, self.busy_timeout):
             conn.execute("DELETE FROM celeriac_messages WHERE queue = ?", (queue,))
             conn.execute("DELETE FROM celeriac_queues WHERE name = ?", (queue,))
             conn.execute("DELETE FROM celeriac_bindings WHERE queue = ?", (queue,))
@@ -757,7 +831,7 @@ class SQLiteBroker(Broker):
         if queue is not None:
             sql += " WHERE queue = ?"
             args = (queue,)
-        rows = self._conn().execute(sql + " ORDER BY rejected_at, id", args).fetchall()
+        rows = self._execute(sql + " ORDER BY rejected_at, id", args).fetchall()
         return [DeadLetter(int(r[0]), str(r[1]), str(r[2]), float(r[3]), str(r[4]), str(r[5]),
                            str(r[6]), str(r[7]), bytes(r[8])) for r in rows]
 
@@ -766,17 +840,16 @@ class SQLiteBroker(Broker):
     def broadcast(self, exchange: str, message: Message, routing_key: str = "") -> None:
         """Store ``message`` for every subscriber of ``exchange``; prunes rows older than 60 s."""
         now = time.time()
-        conn = self._conn()
         try:
-            conn.execute(
+            self._execute(
                 "INSERT INTO celeriac_broadcasts (exchange, routing_key, created, headers, "
                 "properties, content_type, content_encoding, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (exchange, routing_key, now, _dumps(message.headers), _dumps(message.properties),
                  message.content_type, message.content_encoding, message.body))
             if now - self._last_prune > 10.0:
                 self._last_prune = now
-                conn.execute("DELETE FROM celeriac_broadcasts WHERE created < ?",
-                             (now - _BROADCAST_TTL,))
+                self._execute("DELETE FROM celeriac_broadcasts WHERE created < ?",
+                              (now - _BROADCAST_TTL,))
         except sqlite3.Error as exc:
             raise BrokerConnectionError(f"Could not broadcast on {self.path!r}: {exc}") from exc
 

@@ -1,0 +1,61 @@
+"""Sessions: ``tests`` (everything), ``demo`` (the seed tutorial), ``lint``, ``typecheck``, ``bench``."""
+
+from __future__ import annotations
+
+import pathlib
+
+import nox
+
+ROOT = pathlib.Path(__file__).parent
+PACKAGES = sorted(p.parent for p in ROOT.glob("packages/*/pyproject.toml"))
+# The core first: every plugin depends on it.
+PACKAGES.sort(key=lambda p: p.name != "core")
+TEST_DEPS = ["pytest>=8", "celery==5.6.2", "redis>=5", "pika>=1.3"]
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+def _install_all(session: nox.Session) -> None:
+    args: list[str] = []
+    for package in PACKAGES:
+        args += ["-e", str(package)]
+    session.install(*args)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Every package's tests, in one venv with all packages installed editable."""
+    _install_all(session)
+    session.install(*TEST_DEPS)
+    paths = [str(p / "tests") for p in PACKAGES if (p / "tests").is_dir()]
+    session.run("pytest", *paths, *session.posargs)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Install the core and run the seed tutorial against a real worker on the embedded broker."""
+    session.install("-e", str(ROOT / "packages" / "core"))
+    session.run("python", str(ROOT / "examples" / "tutorial.py"), env={"PYTHONUNBUFFERED": "1"})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff on every package."""
+    session.install("ruff")
+    session.run("ruff", "check", *[str(p) for p in PACKAGES], str(ROOT / "examples"), "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy on the core."""
+    session.install("mypy", "-e", str(ROOT / "packages" / "core"))
+    session.run("mypy", str(ROOT / "packages" / "core" / "src" / "celeriac"))
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks against Celery on the same brokers (see bench/README.md)."""
+    _install_all(session)
+    session.install("celery==5.6.2", "redis>=5", "pika>=1.3")
+    session.run("python", str(ROOT / "bench" / "run.py"), *session.posargs)
