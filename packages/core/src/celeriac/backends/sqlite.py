@@ -12,16 +12,17 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 from celeriac import states
 from celeriac.backends.base import CHORDS, GROUPS, PERSISTENT, ChordEntry, ResultBackend
-from celeriac.broker.sqlite import connect, sqlite_path
+from celeriac.broker.sqlite import connect, retry_busy, sqlite_path, write_lock
 from celeriac.exceptions import TimeoutError
 
 __all__ = ["SQLiteBackend"]
 
+_T = TypeVar("_T")
 _CHUNK = 500
 _SWEEP_EVERY = 60.0
 
@@ -88,23 +89,37 @@ class SQLiteBackend(ResultBackend):
         local = self._local
         conn: sqlite3.Connection | None = getattr(local, "conn", None)
         if conn is None or local.pid != os.getpid():
-            conn = connect(self.path, self.busy_timeout)
+            conn = connect(self.path, self.busy_timeout, native_busy=False)
             if not self._ready:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
+                self._transaction(conn, lambda: [conn.execute(statement) for statement
+                                                 in _SCHEMA.split(";") if statement.strip()])
                 self._ready = True
             local.conn, local.pid = conn, os.getpid()
             with self._lock:
                 self._connections.append(conn)
         return conn
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
+        conn = self._conn()
+        return retry_busy(lambda: conn.execute(sql, args), self.busy_timeout)
+
+    def _write(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
+        conn = self._conn()
+        with write_lock(self.path):
+            return retry_busy(lambda: conn.execute(sql, args), self.busy_timeout)
+
+    def _transaction(self, conn: sqlite3.Connection, body: Callable[[], _T]) -> _T:
+        """Run ``body`` in one ``BEGIN IMMEDIATE`` transaction under the process write lock."""
+        with write_lock(self.path):
+            retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"), self.busy_timeout)
+            try:
+                result = body()
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return result
 
     def _expiry(self, now: float) -> float | None:
         return now + self.expires if self.expires else None
@@ -115,8 +130,7 @@ class SQLiteBackend(ResultBackend):
               correlation_id: str | None = None) -> None:
         """Insert or update the meta of ``task_id``; a live SUCCESS row is never replaced."""
         now = time.time()
-        conn = self._conn()
-        conn.execute(
+        self._write(
             "INSERT INTO celeriac_results (task_id, status, meta, expires_at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (task_id) DO UPDATE SET status = excluded.status, meta = excluded.meta, "
             "expires_at = excluded.expires_at WHERE celeriac_results.status != ? OR "
@@ -125,12 +139,12 @@ class SQLiteBackend(ResultBackend):
              states.SUCCESS, now))
         if self.expires and now - self._last_sweep > _SWEEP_EVERY:
             self._last_sweep = now
-            conn.execute("DELETE FROM celeriac_results WHERE expires_at <= ?", (now,))
-            conn.execute("DELETE FROM celeriac_groups WHERE expires_at <= ?", (now,))
+            self._write("DELETE FROM celeriac_results WHERE expires_at <= ?", (now,))
+            self._write("DELETE FROM celeriac_groups WHERE expires_at <= ?", (now,))
 
     def get(self, task_id: str) -> dict[str, Any] | None:
         """The stored meta of ``task_id`` or None (missing or expired)."""
-        row = self._conn().execute(
+        row = self._read(
             "SELECT meta FROM celeriac_results WHERE task_id = ? AND "
             "(expires_at IS NULL OR expires_at > ?)", (task_id, time.time())).fetchone()
         if row is None:
@@ -142,10 +156,9 @@ class SQLiteBackend(ResultBackend):
         """The stored metas of the ids that have one, in one query per 500 ids."""
         ids = list(dict.fromkeys(task_ids))
         out: dict[str, dict[str, Any]] = {}
-        conn = self._conn()
         now = time.time()
         for marks, part in _chunks(ids):
-            for task_id, meta in conn.execute(
+            for task_id, meta in self._read(
                     f"SELECT task_id, meta FROM celeriac_results WHERE task_id IN ({marks}) "
                     "AND (expires_at IS NULL OR expires_at > ?)", (*part, now)):
                 out[task_id] = self.decode(bytes(meta))
@@ -153,7 +166,7 @@ class SQLiteBackend(ResultBackend):
 
     def forget(self, task_id: str) -> None:
         """Delete the result of ``task_id``."""
-        self._conn().execute("DELETE FROM celeriac_results WHERE task_id = ?", (task_id,))
+        self._write("DELETE FROM celeriac_results WHERE task_id = ?", (task_id,))
 
     def wait(self, task_ids: Sequence[str], timeout: float | None = None,
              interval: float = 0.5) -> dict[str, dict[str, Any]]:
@@ -167,7 +180,8 @@ class SQLiteBackend(ResultBackend):
         delay = 0.001
         max_delay = min(interval, 0.02) if interval > 0 else 0.02
         while True:
-            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            version = retry_busy(lambda: conn.execute("PRAGMA data_version").fetchone()[0],
+                                 self.busy_timeout)
             if version != last_version:
                 last_version = version
                 for task_id, meta in self.get_many(pending).items():
@@ -191,26 +205,26 @@ class SQLiteBackend(ResultBackend):
 
     def save_group(self, group_id: str, result: Any) -> None:
         """Store a group's result tuple."""
-        self._conn().execute(
+        self._write(
             "INSERT OR REPLACE INTO celeriac_groups (group_id, result, expires_at) VALUES (?, ?, ?)",
             (group_id, self.encode(result), self._expiry(time.time())))
 
     def restore_group(self, group_id: str) -> Any | None:
         """The saved group result or None."""
-        row = self._conn().execute(
+        row = self._read(
             "SELECT result FROM celeriac_groups WHERE group_id = ? AND "
             "(expires_at IS NULL OR expires_at > ?)", (group_id, time.time())).fetchone()
         return None if row is None else self.decode(bytes(row[0]))
 
     def forget_group(self, group_id: str) -> None:
         """Delete a saved group."""
-        self._conn().execute("DELETE FROM celeriac_groups WHERE group_id = ?", (group_id,))
+        self._write("DELETE FROM celeriac_groups WHERE group_id = ?", (group_id,))
 
     # -- chords -----------------------------------------------------------------------------
 
     def set_chord_size(self, group_id: str, size: int) -> None:
         """Record the number of header members of chord ``group_id``."""
-        self._conn().execute(
+        self._write(
             "INSERT OR REPLACE INTO celeriac_chords (group_id, size) VALUES (?, ?)",
             (group_id, int(size)))
 
@@ -220,31 +234,28 @@ class SQLiteBackend(ResultBackend):
         chord gets the entries ordered by ``group_index``. A member reported twice counts once."""
         encoded = self.encode(result)
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+
+        def join() -> list[Any] | None:
             cur = conn.execute(
                 "INSERT OR IGNORE INTO celeriac_chord_parts (group_id, task_id, group_index, "
                 "state, result) VALUES (?, ?, ?, ?, ?)",
                 (group_id, task_id, group_index, state, encoded))
-            rows: list[Any] | None = None
-            if cur.rowcount > 0:
-                size_row = conn.execute("SELECT size FROM celeriac_chords WHERE group_id = ?",
-                                        (group_id,)).fetchone()
-                count = conn.execute("SELECT COUNT(*) FROM celeriac_chord_parts WHERE "
-                                     "group_id = ?", (group_id,)).fetchone()[0]
-                if size_row is not None and count >= size_row[0]:
-                    rows = conn.execute(
-                        "SELECT task_id, state, result FROM celeriac_chord_parts "
-                        "WHERE group_id = ? ORDER BY group_index IS NULL, group_index, seq",
-                        (group_id,)).fetchall()
-                    conn.execute("DELETE FROM celeriac_chord_parts WHERE group_id = ?",
-                                 (group_id,))
-                    conn.execute("DELETE FROM celeriac_chords WHERE group_id = ?", (group_id,))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+            if cur.rowcount <= 0:
+                return None
+            size_row = conn.execute("SELECT size FROM celeriac_chords WHERE group_id = ?",
+                                    (group_id,)).fetchone()
+            count = conn.execute("SELECT COUNT(*) FROM celeriac_chord_parts WHERE group_id = ?",
+                                 (group_id,)).fetchone()[0]
+            if size_row is None or count < size_row[0]:
+                return None
+            found = conn.execute(
+                "SELECT task_id, state, result FROM celeriac_chord_parts WHERE group_id = ? "
+                "ORDER BY group_index IS NULL, group_index, seq", (group_id,)).fetchall()
+            conn.execute("DELETE FROM celeriac_chord_parts WHERE group_id = ?", (group_id,))
+            conn.execute("DELETE FROM celeriac_chords WHERE group_id = ?", (group_id,))
+            return found
+
+        rows = self._transaction(conn, join)
         if rows is None:
             return None
         return [(tid, st, self.decode(bytes(res))) for tid, st, res in rows]

@@ -47,7 +47,8 @@ from celeriac.protocol import Message
 from celeriac.routing import Queue
 from celeriac.serialization import json_dumps, json_loads
 
-__all__ = ["DeadLetter", "SQLiteBroker", "connect", "is_busy", "retry_busy", "sqlite_path"]
+__all__ = ["DeadLetter", "SQLiteBroker", "connect", "is_busy", "retry_busy", "sqlite_path",
+           "write_lock"]
 
 logger = logging.getLogger(__name__)
 
@@ -208,25 +209,58 @@ def retry_busy(fn: Callable[[], _T], budget: float) -> _T:
                 raise
 
 
+_WRITE_LOCKS: dict[str, threading.Lock] = {}
+_WRITE_LOCKS_GUARD = threading.Lock()
+
+
+def write_lock(path: str) -> threading.Lock:
+    """The in-process lock of database ``path``: threads of one process take turns writing on
+    it instead of colliding on SQLite's file lock (whose busy handler sleeps 1 ms or more)."""
+    lock = _WRITE_LOCKS.get(path)
+    if lock is None:
+        with _WRITE_LOCKS_GUARD:
+            lock = _WRITE_LOCKS.setdefault(path, threading.Lock())
+    return lock
+
+
+def _reset_write_locks() -> None:
+    global _WRITE_LOCKS_GUARD
+    _WRITE_LOCKS.clear()  # a lock held by another thread at fork time would never be released
+    _WRITE_LOCKS_GUARD = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_write_locks)
+
+
 class _Tx:
-    """``with _Tx(conn, budget):`` runs the block in one ``BEGIN IMMEDIATE`` transaction,
-    waiting up to ``budget`` seconds for the write lock."""
+    """``with _Tx(conn, budget, lock):`` runs the block in one ``BEGIN IMMEDIATE`` transaction,
+    holding the in-process ``lock`` and waiting up to ``budget`` seconds for the file lock."""
 
-    __slots__ = ("budget", "conn")
+    __slots__ = ("budget", "conn", "lock")
 
-    def __init__(self, conn: sqlite3.Connection, budget: float = 30.0) -> None:
+    def __init__(self, conn: sqlite3.Connection, budget: float, lock: threading.Lock) -> None:
         self.conn = conn
         self.budget = budget
+        self.lock = lock
 
     def __enter__(self) -> sqlite3.Connection:
-        retry_busy(lambda: self.conn.execute("BEGIN IMMEDIATE"), self.budget)
+        self.lock.acquire()
+        try:
+            retry_busy(lambda: self.conn.execute("BEGIN IMMEDIATE"), self.budget)
+        except BaseException:
+            self.lock.release()
+            raise
         return self.conn
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
-        if exc_type is None:
-            self.conn.execute("COMMIT")
-        elif self.conn.in_transaction:
-            self.conn.execute("ROLLBACK")
+        try:
+            if exc_type is None:
+                self.conn.execute("COMMIT")
+            elif self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        finally:
+            self.lock.release()
 
 
 def _chunks(ids: Sequence[int]) -> Iterator[tuple[str, Sequence[int]]]:
@@ -371,7 +405,7 @@ class _SQLiteConsumer(Consumer):
         if not (ops[0] or ops[1] or ops[2]):
             return
         try:
-            with _Tx(self.conn, self.broker.busy_timeout) as conn:
+            with _Tx(self.conn, self.broker.busy_timeout, self.broker.write_lock) as conn:
                 self._apply_ops(conn, ops)
         except sqlite3.Error:
             self._restore_ops(ops)
@@ -412,7 +446,7 @@ class _SQLiteConsumer(Consumer):
 
     def _claim_tx(self, count: int, ops: tuple[list[int], list[int], list[int]]) -> list[Delivery]:
         conn = self.conn
-        with _Tx(conn, self.broker.busy_timeout):
+        with _Tx(conn, self.broker.busy_timeout, self.broker.write_lock):
             self._apply_ops(conn, ops)
             now = time.time()
             lease = now + self.broker.visibility_timeout
@@ -525,22 +559,29 @@ class _SQLiteConsumer(Consumer):
 
     def _renew_loop(self) -> None:
         interval = max(0.05, self.broker.visibility_timeout / 3)
-        while not self._stop.wait(interval):
-            with self.ops_lock:
-                held = sorted(self.held)
-            if not held:
-                continue
-            lease = time.time() + self.broker.visibility_timeout
-            try:
-                conn = self.broker._conn()
-                with _Tx(conn, self.broker.busy_timeout):
-                    for marks, part in _chunks(held):
-                        conn.execute(
-                            "UPDATE celeriac_messages SET visible_at = ? "
-                            f"WHERE id IN ({marks}) AND owner = ? AND ready = 0",
-                            (lease, *part, self.owner))
-            except (sqlite3.Error, BrokerConnectionError) as exc:  # retried at the next tick
-                logger.warning("Could not renew SQLite broker leases: %s", exc)
+        conn: sqlite3.Connection | None = None
+        try:
+            while not self._stop.wait(interval):
+                with self.ops_lock:
+                    held = sorted(self.held)
+                if held:
+                    try:
+                        conn = conn or self.broker._new_connection()
+                        self._renew(conn, held)
+                    except (sqlite3.Error, BrokerConnectionError) as exc:  # next tick retries
+                        logger.warning("Could not renew SQLite broker leases: %s", exc)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _renew(self, conn: sqlite3.Connection, held: Sequence[int]) -> None:
+        """Push the lease of the rows this consumer still holds to now + visibility_timeout."""
+        lease = time.time() + self.broker.visibility_timeout
+        with _Tx(conn, self.broker.busy_timeout, self.broker.write_lock):
+            for marks, part in _chunks(held):
+                conn.execute("UPDATE celeriac_messages SET visible_at = ? "
+                             f"WHERE id IN ({marks}) AND owner = ? AND ready = 0",
+                             (lease, *part, self.owner))
 
 
 # -- broadcast subscription -------------------------------------------------------------------
@@ -649,6 +690,11 @@ class SQLiteBroker(Broker):
 
     # -- connections ------------------------------------------------------------------------
 
+    @property
+    def write_lock(self) -> threading.Lock:
+        """This process's write lock of the database file (see :func:`write_lock`)."""
+        return write_lock(self.path)
+
     def _new_connection(self) -> sqlite3.Connection:
         conn = connect(self.path, self.busy_timeout, native_busy=False)
         if not self._ready:
@@ -657,7 +703,7 @@ class SQLiteBroker(Broker):
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         try:
-            with _Tx(conn, self.busy_timeout):
+            with _Tx(conn, self.busy_timeout, self.write_lock):
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
@@ -686,6 +732,12 @@ class SQLiteBroker(Broker):
         conn = self._conn()
         return retry_busy(lambda: conn.execute(sql, args), self.busy_timeout)
 
+    def _write(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
+        """:meth:`_execute` for a statement that writes, under the in-process write lock."""
+        conn = self._conn()
+        with self.write_lock:
+            return retry_busy(lambda: conn.execute(sql, args), self.busy_timeout)
+
     def _forget_consumer(self, consumer: _SQLiteConsumer) -> None:
         self._consumers.discard(consumer)
         with _LOCAL_LOCK:
@@ -703,7 +755,7 @@ class SQLiteBroker(Broker):
         now = time.time()
         assert queue.exchange is not None
         try:
-            with _Tx(conn, self.busy_timeout):
+            with _Tx(conn, self.busy_timeout, self.write_lock):
                 conn.execute(
                     "INSERT OR REPLACE INTO celeriac_queues (name, durable, max_priority, "
                     "declared_at) VALUES (?, ?, ?, ?)",
@@ -755,7 +807,7 @@ class SQLiteBroker(Broker):
             properties = _dumps(message.properties)
             for name in targets:
                 decl = self._declared.get(name)
-                self._execute(
+                self._write(
                     "INSERT INTO celeriac_messages (queue, priority, ready, visible_at, exchange, "
                     "routing_key, headers, properties, content_type, content_encoding, body, "
                     "published_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -800,7 +852,7 @@ class SQLiteBroker(Broker):
 
     def purge(self, queue: str) -> int:
         """Delete the ready and delayed (not leased) messages of ``queue``; return how many."""
-        cur = self._execute(
+        cur = self._write(
             "DELETE FROM celeriac_messages WHERE queue = ? AND (ready = 1 OR owner IS NULL)",
             (queue,))
         return cur.rowcount
@@ -816,7 +868,7 @@ class SQLiteBroker(Broker):
     def delete_queue(self, queue: str) -> None:
         """Delete ``queue``, all its messages (leased ones too) and its bindings."""
         conn = self._conn()
-        with _Tx(conn, self.busy_timeout):
+        with _Tx(conn, self.busy_timeout, self.write_lock):
             conn.execute("DELETE FROM celeriac_messages WHERE queue = ?", (queue,))
             conn.execute("DELETE FROM celeriac_queues WHERE name = ?", (queue,))
             conn.execute("DELETE FROM celeriac_bindings WHERE queue = ?", (queue,))
@@ -841,14 +893,14 @@ class SQLiteBroker(Broker):
         """Store ``message`` for every subscriber of ``exchange``; prunes rows older than 60 s."""
         now = time.time()
         try:
-            self._execute(
+            self._write(
                 "INSERT INTO celeriac_broadcasts (exchange, routing_key, created, headers, "
                 "properties, content_type, content_encoding, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (exchange, routing_key, now, _dumps(message.headers), _dumps(message.properties),
                  message.content_type, message.content_encoding, message.body))
             if now - self._last_prune > 10.0:
                 self._last_prune = now
-                self._execute("DELETE FROM celeriac_broadcasts WHERE created < ?",
+                self._write("DELETE FROM celeriac_broadcasts WHERE created < ?",
                               (now - _BROADCAST_TTL,))
         except sqlite3.Error as exc:
             raise BrokerConnectionError(f"Could not broadcast on {self.path!r}: {exc}") from exc

@@ -1,0 +1,248 @@
+"""The real command line in subprocesses, on the embedded SQLite broker."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from celeriac.cli.main import cli
+
+REPO = pathlib.Path(__file__).resolve().parents[3]
+EXAMPLES = REPO / "examples"
+
+
+class WorkerProcess:
+    """A ``celeriac worker`` subprocess whose output is collected in the background."""
+
+    def __init__(self, args: list[str], cwd: pathlib.Path, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "celeriac", *args], cwd=cwd, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if " ready." in line:
+                self.ready.set()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("worker did not start:\n" + self.output)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+@pytest.fixture
+def project(tmp_path: pathlib.Path) -> Iterator[tuple[pathlib.Path, dict[str, str]]]:
+    """A project directory with a ``proj`` package and a private SQLite broker/backend."""
+    pkg = tmp_path / "proj"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "celery.py").write_text(textwrap.dedent("""
+        from celeriac import Celeriac
+        app = Celeriac("proj", backend="sqlite:///results.db", include=["proj.tasks"],
+                       broker_transport_options={"visibility_timeout": 2})
+    """))
+    (pkg / "tasks.py").write_text(textwrap.dedent("""
+        import os, time
+        from .celery import app
+
+        @app.task
+        def add(x, y):
+            return x + y
+
+        @app.task
+        def slow(seconds, marker=None):
+            if marker:
+                open(marker, "a").write(f"{os.getpid()}\\n")
+            time.sleep(seconds)
+            return "slept"
+
+        @app.task(acks_late=True)
+        def late(seconds, marker):
+            first = not os.path.exists(marker)
+            open(marker, "a").write(f"{os.getpid()}\\n")
+            if first:
+                time.sleep(seconds)
+            return "done"
+    """))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("CELERIAC_BROKER_URL", None)
+    env.pop("CELERIAC_RESULT_BACKEND", None)
+    yield tmp_path, env
+
+
+def _client(cwd: pathlib.Path, code: str, env: dict[str, str], timeout: float = 60) -> str:
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_tutorial_end_to_end_on_the_embedded_broker() -> None:
+    env = dict(os.environ)
+    env.pop("CELERIAC_BROKER_URL", None)
+    env.pop("CELERIAC_RESULT_BACKEND", None)
+    out = subprocess.run([sys.executable, str(EXAMPLES / "tutorial.py")], env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "All tutorial calls gave the expected answers." in out.stdout
+    assert "worker exit code: 0" in out.stdout
+
+
+def test_banner_lists_configuration_queues_and_plugins(project: Any) -> None:
+    cwd, env = project
+    worker = WorkerProcess(["-A", "proj", "worker", "-l", "info", "-Q", "celery,hipri", "-c", "2",
+                            "-n", "w1@%h"], cwd, env)
+    try:
+        worker.wait_ready()
+    finally:
+        assert worker.stop() == 0
+    banner = worker.output
+    assert "[Configuration]" in banner and "[Queues]" in banner and "[Plugins]" in banner
+    assert "transport:   sqlite:///celeriac-broker.db (embedded SQLite)" in banner
+    assert "no broker configured, nothing to install" in banner
+    assert "concurrency: 2 (threads (default))" in banner or "concurrency: 2 (prefork (default))" in banner
+    assert ".> hipri            exchange=hipri(direct) key=hipri" in banner
+    assert "builtin (celeriac " in banner
+    assert "w1@" in banner and "proj.tasks.add" in banner
+    assert "Warm shutdown" in banner
+
+
+def test_sigterm_finishes_running_tasks_and_exits_0(project: Any) -> None:
+    cwd, env = project
+    worker = WorkerProcess(["-A", "proj", "worker", "-l", "info", "-c", "2"], cwd, env)
+    worker.wait_ready()
+    marker = cwd / "started.txt"
+    task_id = _client(cwd, f"""
+        from proj.tasks import slow
+        print(slow.delay(1.5, {str(marker)!r}).id)
+    """, env).strip()
+    deadline = time.monotonic() + 20
+    while not marker.exists():
+        assert time.monotonic() < deadline, worker.output
+        time.sleep(0.05)
+    assert worker.stop(signal.SIGTERM) == 0
+    out = _client(cwd, f"""
+        from proj.celery import app
+        r = app.AsyncResult({task_id!r})
+        print(r.state, r.get(timeout=5))
+    """, env)
+    assert out.split() == ["SUCCESS", "slept"]
+
+
+def test_killed_worker_acks_late_task_runs_again_on_a_new_worker(project: Any) -> None:
+    cwd, env = project
+    marker = cwd / "runs.txt"
+    first = WorkerProcess(["-A", "proj", "worker", "-l", "info", "-c", "1"], cwd, env)
+    first.wait_ready()
+    task_id = _client(cwd, f"""
+        from proj.tasks import late
+        print(late.delay(30, {str(marker)!r}).id)
+    """, env).strip()
+    deadline = time.monotonic() + 20
+    while not marker.exists():
+        assert time.monotonic() < deadline, first.output
+        time.sleep(0.05)
+    first.proc.kill()
+    first.proc.wait(10)
+    # the replacement must run it again, after the (2 s) visibility timeout
+    second = WorkerProcess(["-A", "proj", "worker", "-l", "info", "-c", "1"], cwd, env)
+    try:
+        second.wait_ready()
+        out = _client(cwd, f"""
+            from proj.celery import app
+            print(app.AsyncResult({task_id!r}).get(timeout=30))
+        """, env)
+        assert out.strip() == "done"
+        assert len(marker.read_text().split()) == 2
+    finally:
+        second.stop()
+
+
+def test_call_result_and_purge_commands(project: Any) -> None:
+    cwd, env = project
+    run = lambda *args, **kw: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "celeriac", "-A", "proj", *args], cwd=cwd, env=env,
+        capture_output=True, text=True, timeout=60, **kw)
+    sent = run("call", "proj.tasks.add", "--args", "[3, 4]")
+    assert sent.returncode == 0, sent.stderr
+    task_id = sent.stdout.strip()
+    assert run("purge").returncode != 0  # asks, and aborts without a yes
+    purged = run("purge", "-f")
+    assert purged.returncode == 0 and "Purged 1 message" in purged.stdout
+    again = run("call", "proj.tasks.add", "--args", "[3, 4]").stdout.strip()
+    worker = WorkerProcess(["-A", "proj", "worker", "-l", "info", "-c", "1"], cwd, env)
+    try:
+        worker.wait_ready()
+        shown = run("result", again, "--timeout", "20")
+        assert shown.returncode == 0 and shown.stdout.strip() == "7"
+    finally:
+        worker.stop()
+    assert task_id != again
+    bad = run("call", "proj.tasks.add", "--args", "not json")
+    assert bad.returncode == 2 and "must be JSON" in bad.stderr
+
+
+def test_unreachable_broker_is_one_line_and_retried(project: Any) -> None:
+    cwd, env = project
+    env = dict(env, CELERIAC_BROKER_URL="sqlite:////nonexistent-dir/for/sure/broker.db")
+    worker = WorkerProcess(["-A", "proj", "worker", "-l", "info"], cwd, env)
+    time.sleep(2.5)
+    worker.stop(signal.SIGTERM)
+    errors = [line for line in worker.lines if "Cannot connect to" in line]
+    assert errors, worker.output
+    assert "Traceback" not in worker.output
+    assert "Trying again in" in errors[0]
+
+
+@pytest.mark.parametrize("command", ["worker", "call", "result", "purge", "plugins"])
+def test_every_command_has_help(command: str) -> None:
+    result = CliRunner().invoke(cli, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage:" in result.output
+
+
+def test_plugins_lists_builtins_with_versions() -> None:
+    from celeriac import __version__
+
+    result = CliRunner().invoke(cli, ["plugins"])
+    assert result.exit_code == 0
+    assert f"builtin  (celeriac {__version__})" in result.output
+    assert "sqlite" in result.output and "threads" in result.output
+
+
+def test_unknown_app_is_a_clear_error(tmp_path: pathlib.Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "celeriac", "-A", "no_such_proj", "worker"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "module 'no_such_proj' was not found" in out.stderr
+    assert "Traceback" not in out.stderr
