@@ -141,7 +141,7 @@ def encode_task(
         "timelimit": [timelimit[0], timelimit[1]],
         "root_id": root_id or task_id,
         "parent_id": parent_id,
-        "argsrepr": argsrepr if argsrepr is not None else _saferepr(args),
+        "argsrepr": argsrepr if argsrepr is not None else _saferepr(tuple(args)),
         "kwargsrepr": kwargsrepr if kwargsrepr is not None else _saferepr(kwargs),
         "origin": origin or default_origin(),
         "ignore_result": ignore_result,

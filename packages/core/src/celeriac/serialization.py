@@ -54,7 +54,7 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, decimal.Decimal):
         return {"__type__": "decimal", "__value__": str(obj)}
     if isinstance(obj, uuid.UUID):
-        return {"__type__": "uuid", "__value__": obj.hex}
+        return {"__type__": "uuid", "__value__": {"hex": obj.hex}}
     if isinstance(obj, bytes):
         try:
             return {"__type__": "bytes", "__value__": obj.decode("utf-8")}
@@ -73,7 +73,7 @@ _DECODERS: dict[str, Callable[[Any], Any]] = {
     "date": dt.date.fromisoformat,
     "time": dt.time.fromisoformat,
     "decimal": decimal.Decimal,
-    "uuid": lambda v: uuid.UUID(hex=v),
+    "uuid": lambda v: uuid.UUID(hex=v["hex"] if isinstance(v, dict) else v),
     "bytes": lambda v: v.encode("utf-8"),
     "base64": lambda v: base64.b64decode(v),
 }
