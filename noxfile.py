@@ -50,7 +50,8 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy on the core."""
     session.install("mypy", "-e", str(ROOT / "packages" / "core"))
-    session.run("mypy", str(ROOT / "packages" / "core" / "src" / "celeriac"))
+    session.run("mypy", "--config-file", str(ROOT / "packages" / "core" / "pyproject.toml"),
+                str(ROOT / "packages" / "core" / "src" / "celeriac"))
 
 
 @nox.session

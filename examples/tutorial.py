@@ -148,6 +148,29 @@ def run_tutorial() -> None:
     show("add.apply_async((2, 2), queue='hipri').get()", add.apply_async((2, 2), queue="hipri").get(timeout=10), 4)
     app.conf.update(task_routes=None)
 
+    print("\n## Remote control", flush=True)
+    inspect = app.control.inspect(timeout=2.0)
+    pings = inspect.ping() or {}
+    show("app.control.inspect().ping()", pings)
+    if list(pings.values()) != [{"ok": "pong"}]:
+        FAILURES.append("inspect ping")
+    queues = inspect.active_queues() or {}
+    show("app.control.inspect().active_queues() (names)", sorted(q["name"] for qs in queues.values() for q in qs),
+         ["celery", "hipri", "lopri"])
+    registered = inspect.registered() or {}
+    show("'proj.tasks.add' in app.control.inspect().registered()",
+         any("proj.tasks.add" in names for names in registered.values()), True)
+    later = add.apply_async((1, 1), countdown=30)
+    time.sleep(0.5)
+    app.control.revoke(later.id)
+    from celeriac.exceptions import TaskRevokedError
+
+    try:
+        later.get(timeout=10)
+        show("app.control.revoke(res.id); res.get()", "ran", "TaskRevokedError")
+    except TaskRevokedError:
+        show("app.control.revoke(res.id); res.state", later.state, "REVOKED")
+
     print("\n## Many tasks", flush=True)
     start = time.monotonic()
     results = [add.delay(i, i) for i in range(500)]

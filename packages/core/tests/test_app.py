@@ -47,10 +47,10 @@ def test_settings_from_everywhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
 def test_unknown_scheme_names_the_package_to_install() -> None:
     app = Celeriac("proj", broker="sqs://queue.example")
     with pytest.raises(PluginNotFound, match="Installed: .*memory.*sqlite"):
-        app.broker
+        _ = app.broker
     app = Celeriac("proj", broker="nats://localhost")
     with pytest.raises(PluginNotFound, match="check the spelling"):
-        app.broker
+        _ = app.broker
     from celeriac.plugins.manager import KNOWN_PROVIDERS, _missing
 
     assert "pip install celeriac-redis" in str(_missing("broker", "redis", {}))
@@ -159,7 +159,7 @@ def test_eager_canvas_gives_the_seed_answers(expression: str, answer: Any) -> No
         return sum(numbers)
 
     scope = {"add": add, "mul": mul, "xsum": xsum, "group": group, "chain": chain, "chord": chord}
-    assert eval(expression, scope).get() == answer  # noqa: S307 - fixed test expressions
+    assert eval(expression, scope).get() == answer
 
 
 def test_signature_partials_and_repr() -> None:

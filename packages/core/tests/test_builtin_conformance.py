@@ -82,3 +82,35 @@ class TestSQLiteBackend(BackendConformance):
     @pytest.fixture
     def make_backend(self, sqlite_url: str) -> Callable[[], ResultBackend]:
         return lambda: SQLiteBackend(sqlite_url, {})
+
+
+def test_builtin_schemes_resolve_to_these_classes(tmp_path: Path) -> None:
+    from celeriac.plugins import create_backend, create_broker
+
+    brokers = [(create_broker(f"memory://{uuid.uuid4().hex}", {}), MemoryBroker),
+               (create_broker(f"sqlite:///{tmp_path / 'b.db'}", {}), SQLiteBroker)]
+    for broker, broker_cls in brokers:
+        assert type(broker) is broker_cls
+        broker.close()
+    backends = [(create_backend(f"memory://{uuid.uuid4().hex}", {}), MemoryBackend),
+                (create_backend(f"sqlite:///{tmp_path / 'r.db'}", {}), SQLiteBackend)]
+    for backend, backend_cls in backends:
+        assert type(backend) is backend_cls
+        backend.close()
+
+
+def test_memory_urls_are_separate_brokers() -> None:
+    from celeriac.routing import Queue
+    from celeriac.testing.broker_kit import make_message
+
+    name = uuid.uuid4().hex
+    one, same, other = (MemoryBroker(f"memory://{name}", {}), MemoryBroker(f"memory://{name}", {}),
+                        MemoryBroker(f"memory://{name}-other", {}))
+    queue = Queue("q")
+    one.publish(make_message("x"), "", "q", queue=queue)
+    assert other.queue_size("q") == 0
+    assert same.queue_size("q") == 1
+    consumer = same.consumer([queue], 1)
+    assert [d.message.headers["kit"] for d in consumer.fetch(1, 1.0)] == ["x"]
+    for broker in (one, same, other):
+        broker.close()

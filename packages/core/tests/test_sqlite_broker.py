@@ -337,3 +337,30 @@ def test_results_expire(tmp_path: Path) -> None:
         got = backend.get(task_id)
         assert got is not None and got["status"] == states.FAILURE
         backend.close()
+
+
+def test_forked_child_uses_its_own_connection(broker: SQLiteBroker) -> None:
+    queue = Queue(f"q-{uuid.uuid4().hex}")
+    broker.publish(make_message("parent"), "", queue.name, queue=queue)  # opens a connection
+    lock = broker.write_lock
+    lock.acquire()  # as if another thread were mid-write when the pool forks
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: publish through the inherited broker object
+            code = 1
+            signal.alarm(20)  # a deadlocked child dies instead of hanging the test
+            try:
+                broker.publish(make_message("child"), "", queue.name, queue=queue)
+                code = 0
+            finally:
+                os._exit(code)
+    finally:
+        lock.release()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    consumer = broker.consumer([queue], 0)
+    got = _drain(consumer, 2, 10)
+    assert sorted(d.message.headers["kit"] for d in got) == ["child", "parent"]
+    for delivery in got:
+        consumer.ack(delivery)
+    consumer.close()

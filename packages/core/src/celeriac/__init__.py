@@ -30,7 +30,11 @@ _LAZY = {
     "states": "celeriac.states",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "AsyncResult", "Celeriac", "Celery", "GroupResult", "ResultSet", "Signature", "Task",
+    "__version__", "chain", "chord", "chunks", "group", "shared_task", "signature", "states",
+    "xmap", "xstarmap",
+]
 
 if TYPE_CHECKING:
     from celeriac import states

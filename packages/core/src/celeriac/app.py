@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from celeriac.config import DEFAULT_BROKER_URL, Settings
-from celeriac.exceptions import ImproperlyConfigured, NotRegistered
+from celeriac.exceptions import NotRegistered
 from celeriac.protocol import encode_task
 from celeriac.routing import Queue, Router
 from celeriac.task import P, R, Task, current_request
@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from celeriac.canvas import Signature
     from celeriac.control import Control
     from celeriac.result import AsyncResult, GroupResult
+    from celeriac.result import AsyncResult as _AsyncResult
 
-__all__ = ["Celeriac", "Celery", "shared_task", "TaskRegistry"]
+__all__ = ["Celeriac", "Celery", "TaskRegistry", "shared_task"]
 
 T = TypeVar("T")
 
@@ -265,7 +266,7 @@ class Celeriac:
                   chord: Any = None, chain: list[Any] | None = None, retries: int = 0,
                   parent_id: str | None = None, root_id: str | None = None,
                   shadow: str | None = None, reply_to: str | None = None,
-                  replaced_task_nesting: int = 0, **extra: Any) -> AsyncResult:
+                  replaced_task_nesting: int = 0, **extra: Any) -> _AsyncResult:
         """Send the task called ``name`` by name; return its :class:`AsyncResult`.
 
         The options are those of ``Task.apply_async``. The task does not have to be

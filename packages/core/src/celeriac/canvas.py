@@ -20,8 +20,17 @@ if TYPE_CHECKING:
     from celeriac.app import Celeriac
     from celeriac.result import AsyncResult, GroupResult
 
-__all__ = ["Signature", "signature", "chain", "group", "chord", "chunks", "xmap", "xstarmap",
-           "maybe_signature"]
+__all__ = [
+    "Signature",
+    "chain",
+    "chord",
+    "chunks",
+    "group",
+    "maybe_signature",
+    "signature",
+    "xmap",
+    "xstarmap",
+]
 
 # Options that describe where a task sits in a workflow and only belong to one message.
 _WORKFLOW_OPTIONS = ("chord", "group_id", "group_index")
@@ -220,7 +229,7 @@ class Signature(dict[str, Any]):
 
     # -- composition --------------------------------------------------------------------------
 
-    def __or__(self, other: Any) -> Signature:
+    def __or__(self, other: Any) -> Signature:  # type: ignore[override]
         if isinstance(other, _chain):
             return _chain(self, *other.tasks, app=self._app)
         if isinstance(other, Signature):
@@ -308,7 +317,7 @@ class _chain(Signature):
         """The steps."""
         return self.kwargs["tasks"]  # type: ignore[no-any-return]
 
-    def __or__(self, other: Any) -> Signature:
+    def __or__(self, other: Any) -> Signature:  # type: ignore[override]
         if isinstance(other, _chain):
             return _chain(*self.tasks, *other.tasks, app=self._app)
         if isinstance(other, Signature):
@@ -379,14 +388,14 @@ class _chain(Signature):
         return result
 
 
-class chain(_chain):  # noqa: N801 - Celery's public name
+class chain(_chain):
     """``chain(a, b, c)``: run ``a``, then ``b`` with ``a``'s result, then ``c``."""
 
 
 Signature.TYPES["chain"] = _chain
 
 
-class group(Signature):  # noqa: N801 - Celery's public name
+class group(Signature):
     """``group(a, b, c)``: run the tasks in parallel; the result is the list of their results."""
 
     subtask_type_name = "group"
@@ -420,7 +429,7 @@ class group(Signature):  # noqa: N801 - Celery's public name
                 flat.append(task)
         return flat
 
-    def __or__(self, other: Any) -> Signature:
+    def __or__(self, other: Any) -> Signature:  # type: ignore[override]
         if isinstance(other, Signature) and not isinstance(other, group):
             return chord(self, body=other, app=self._app)
         return super().__or__(other)
@@ -431,7 +440,8 @@ class group(Signature):  # noqa: N801 - Celery's public name
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.apply_async(args, kwargs)
 
-    def freeze(self, _id: str | None = None, group_id: str | None = None,
+    def freeze(  # type: ignore[override]
+        self, _id: str | None = None, group_id: str | None = None,
                root_id: str | None = None, parent_id: str | None = None,
                group_index: int | None = None) -> GroupResult:
         from celeriac.result import GroupResult
@@ -467,7 +477,7 @@ class group(Signature):  # noqa: N801 - Celery's public name
         return GroupResult(gid, [m.apply(args, kwargs) for m in self._members()], app=self.app)
 
 
-class chord(Signature):  # noqa: N801 - Celery's public name
+class chord(Signature):
     """``chord(header, body)``: run the header group, then ``body`` with the list of results."""
 
     subtask_type_name = "chord"
@@ -572,7 +582,7 @@ def _header_tasks(header: Any) -> list[Any]:
     return list(header)
 
 
-class xmap(Signature):  # noqa: N801 - Celery's public name
+class xmap(Signature):
     """Call one task for each item of ``it``, as a single task (``task.map(it)``)."""
 
     subtask_type_name = "xmap"
@@ -596,7 +606,7 @@ class xmap(Signature):  # noqa: N801 - Celery's public name
         return f"[{name}(x) for x in {self.kwargs['it']!r}]"
 
 
-class xstarmap(xmap):  # noqa: N801 - Celery's public name
+class xstarmap(xmap):
     """Like :class:`xmap` with each item unpacked as positional arguments."""
 
     subtask_type_name = "xstarmap"
@@ -608,7 +618,7 @@ class xstarmap(xmap):  # noqa: N801 - Celery's public name
         return f"[{name}(*x) for x in {self.kwargs['it']!r}]"
 
 
-class chunks(Signature):  # noqa: N801 - Celery's public name
+class chunks(Signature):
     """Split ``it`` into chunks of ``n`` argument tuples; each chunk is one ``xstarmap`` task."""
 
     subtask_type_name = "chunks"

@@ -17,7 +17,7 @@ from typing import Any
 
 from celeriac.exceptions import ImproperlyConfigured
 
-__all__ = ["DEFAULTS", "Settings", "DEFAULT_BROKER_URL"]
+__all__ = ["DEFAULTS", "DEFAULT_BROKER_URL", "Settings"]
 
 DEFAULT_BROKER_URL = "sqlite:///celeriac-broker.db"
 

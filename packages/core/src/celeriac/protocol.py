@@ -15,7 +15,7 @@ from typing import Any
 from celeriac.exceptions import InvalidMessage
 from celeriac.serialization import AcceptPolicy, get_serializer, loads
 
-__all__ = ["STANDARD_HEADERS", "Message", "TaskMessage", "encode_task", "decode_task", "default_origin", "EMPTY_EMBED"]
+__all__ = ["EMPTY_EMBED", "STANDARD_HEADERS", "Message", "TaskMessage", "decode_task", "default_origin", "encode_task"]
 
 ARGSREPR_MAXSIZE = 1024
 #: Header keys protocol v2 defines; anything else in a message's headers is a user header.

@@ -12,7 +12,7 @@ from celeriac.exceptions import ResultsDisabled, TaskRevokedError
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
 
-__all__ = ["AsyncResult", "GroupResult", "ResultSet", "EagerResult", "result_from_tuple"]
+__all__ = ["AsyncResult", "EagerResult", "GroupResult", "ResultSet", "result_from_tuple"]
 
 _NO_BACKEND = (
     "No result backend is configured, so results cannot be read. Configure one on the app, "
@@ -372,7 +372,9 @@ class EagerResult(AsyncResult):
 
     info = result
 
-    def get(self, timeout: float | None = None, propagate: bool = True, **kwargs: Any) -> Any:
+    def get(self, timeout: float | None = None, propagate: bool = True, interval: float = 0.5,
+            no_ack: bool = True, follow_parents: bool = True, disable_sync_subtasks: bool = True,
+            callback: Any = None) -> Any:
         if self._state in states.PROPAGATE_STATES and propagate:
             raise self._retval
         return self._retval

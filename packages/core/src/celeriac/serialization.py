@@ -21,15 +21,15 @@ from typing import Any
 from celeriac.exceptions import ContentDisallowed, DecodeError
 
 __all__ = [
+    "AcceptPolicy",
     "Serializer",
-    "register",
+    "dumps",
     "get_serializer",
-    "serializer_for_content_type",
     "json_dumps",
     "json_loads",
-    "dumps",
     "loads",
-    "AcceptPolicy",
+    "register",
+    "serializer_for_content_type",
 ]
 
 

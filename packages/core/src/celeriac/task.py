@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from celeriac.canvas import Signature
     from celeriac.result import AsyncResult, EagerResult
 
-__all__ = ["Task", "Context", "current_request", "P", "R", "backoff_countdown"]
+__all__ = ["Context", "P", "R", "Task", "backoff_countdown", "current_request"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -32,7 +32,7 @@ class Context:
 
     id: str | None = None
     args: list[Any] | tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = {}  # noqa: RUF012 - replaced per instance
+    kwargs: dict[str, Any] = {}
     retries: int = 0
     is_eager: bool = False
     eta: str | None = None
@@ -93,9 +93,9 @@ def pop_request() -> None:
 
 def backoff_countdown(factor: float, retries: int, maximum: float, jitter: bool) -> float:
     """Exponential backoff ``factor * 2**retries`` capped at ``maximum``, with full jitter."""
-    countdown = min(maximum, factor * (2 ** retries))
+    countdown = float(min(maximum, factor * (2 ** retries)))
     if jitter:
-        countdown = random.randrange(int(countdown) + 1)
+        countdown = float(random.randrange(int(countdown) + 1))
     return countdown
 
 
@@ -244,7 +244,7 @@ class Task(Generic[P, R]):
 
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
         """Send the task with these arguments; shortcut for ``apply_async(args, kwargs)``."""
-        return self.apply_async(args, kwargs)
+        return self.apply_async(args, kwargs)  # type: ignore[no-any-return]
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         """Send the task to a worker; return an :class:`AsyncResult`.

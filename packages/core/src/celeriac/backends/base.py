@@ -29,15 +29,15 @@ from celeriac.exceptions import RemoteTaskError, TimeoutError
 from celeriac.serialization import get_serializer
 
 __all__ = [
-    "ResultBackend",
-    "ChordEntry",
-    "encode_exception",
-    "decode_exception",
-    "make_meta",
-    "PERSISTENT",
     "CHORDS",
     "GROUPS",
+    "PERSISTENT",
     "PUSH",
+    "ChordEntry",
+    "ResultBackend",
+    "decode_exception",
+    "encode_exception",
+    "make_meta",
 ]
 
 PERSISTENT = "persistent"

@@ -37,17 +37,17 @@ from celeriac.protocol import Message
 from celeriac.routing import Queue
 
 __all__ = [
+    "BATCH",
+    "BROADCAST",
     "DELAY",
     "PRIORITY",
     "QUEUE_SIZE",
-    "BROADCAST",
     "REPLY_QUEUES",
-    "BATCH",
-    "Delivery",
-    "Consumer",
-    "Subscription",
     "Broker",
     "BrokerConnectionError",
+    "Consumer",
+    "Delivery",
+    "Subscription",
     "mask_url",
 ]
 

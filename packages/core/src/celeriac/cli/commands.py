@@ -18,7 +18,7 @@ def _json_option(value: str | None, what: str, kind: type) -> Any:
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"{what} must be JSON ({exc.msg}), e.g. '[2, 2]' or '{{\"x\": 1}}'.")
+        raise click.BadParameter(f"{what} must be JSON ({exc.msg}), e.g. '[2, 2]' or '{{\"x\": 1}}'.") from None
     if not isinstance(parsed, kind):
         raise click.BadParameter(f"{what} must be a JSON {'array' if kind is list else 'object'}.")
     return parsed

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any
 
@@ -13,7 +12,7 @@ from celeriac import __version__
 from celeriac.cli.context import CLIContext
 from celeriac.exceptions import CeleriacError
 
-__all__ = ["main", "cli"]
+__all__ = ["cli", "main"]
 
 
 class _Group(click.Group):
@@ -60,10 +59,11 @@ def cli(ctx: click.Context, app_spec: str | None, broker: str | None, result_bac
 
 
 def _register_commands() -> None:
-    from celeriac.cli import commands, worker
+    from celeriac.cli import commands, multi, remote, worker
 
     cli.add_command(worker.worker)
-    for command in commands.COMMANDS:
+    cli.add_command(multi.multi)
+    for command in (*commands.COMMANDS, remote.inspect, remote.control, remote.status, remote.events):
         cli.add_command(command)
 
 

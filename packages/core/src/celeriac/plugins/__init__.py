@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from celeriac.backends.base import ResultBackend
     from celeriac.broker.base import Broker
 
-__all__ = ["hookimpl", "hookspec", "create_broker", "create_backend"]
+__all__ = ["create_backend", "create_broker", "hookimpl", "hookspec"]
 
 
 def create_broker(url: str, conf: Mapping[str, Any]) -> Broker:

@@ -15,8 +15,17 @@ import pluggy
 from celeriac.exceptions import PluginNotFound
 from celeriac.plugins import hookspecs
 
-__all__ = ["PluginInfo", "get_manager", "broker_factory", "backend_factory", "pool_factory",
-           "plugin_infos", "lifecycle", "KNOWN_PROVIDERS", "reset"]
+__all__ = [
+    "KNOWN_PROVIDERS",
+    "PluginInfo",
+    "backend_factory",
+    "broker_factory",
+    "get_manager",
+    "lifecycle",
+    "plugin_infos",
+    "pool_factory",
+    "reset",
+]
 
 logger = logging.getLogger("celeriac.plugins")
 

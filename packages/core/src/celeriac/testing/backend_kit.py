@@ -155,7 +155,7 @@ class BackendConformance:
             try:
                 for task_id in chunk:
                     backend.store(task_id, make_meta(task_id, states.SUCCESS, task_id))
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=work, args=(chunk,)) for chunk in ids]
@@ -254,7 +254,7 @@ class BackendConformance:
                             nones.append(index)
                         else:
                             winners.append(found)
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=work, args=(shuffled[i::threads_n],))

@@ -25,7 +25,7 @@ import pytest
 from celeriac.app import Celeriac
 from celeriac.worker.worker import Worker
 
-__all__ = ["celeriac_config", "celeriac_app", "celeriac_worker", "start_worker"]
+__all__ = ["celeriac_app", "celeriac_config", "celeriac_worker", "start_worker"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

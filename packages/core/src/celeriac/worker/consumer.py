@@ -53,7 +53,7 @@ def parse_rate(rate: Any) -> float | None:
 class TokenBucket:
     """A token bucket of capacity 1 (Celery's per-task rate limit)."""
 
-    __slots__ = ("rate", "next_free")
+    __slots__ = ("next_free", "rate")
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
@@ -85,6 +85,7 @@ class TaskConsumer:
         self.active: dict[str, Request] = {}
         self.held: dict[str, Request] = {}
         self.processed = 0
+        self.totals: dict[str, int] = {}
         self._lock = threading.Lock()
         self._capacity = threading.Event()
         self._stopping = threading.Event()
@@ -162,6 +163,13 @@ class TaskConsumer:
             request.soft_time_limit = self._default_soft_limit
         if logger.isEnabledFor(logging.INFO):
             logger.info("Task %s[%s] received", request.name, request.id)
+        events = self.tracer.events
+        if events is not None:
+            headers = message.headers
+            events.send("task-received", uuid=request.id, name=request.name, args=headers.get("argsrepr"),
+                        kwargs=headers.get("kwargsrepr"), root_id=headers.get("root_id"),
+                        parent_id=headers.get("parent_id"), retries=headers.get("retries"),
+                        eta=headers.get("eta"), expires=headers.get("expires"))
         if request.eta is not None and request.eta > time.time():
             self.held[request.id] = request
             self.timer.call_at(request.eta, lambda: self._release_held(request), tag=request)
@@ -238,6 +246,8 @@ class TaskConsumer:
             self.processed += 1
             if isinstance(request, Request):
                 self.active.pop(request.id, None)
+                name = request.task.name
+                self.totals[name] = self.totals.get(name, 0) + 1
         self._capacity.set()
 
     # -- shutdown -----------------------------------------------------------------------------

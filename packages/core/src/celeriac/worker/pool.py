@@ -77,7 +77,7 @@ _STOP = object()
 
 
 class _JobHandle:
-    __slots__ = ("thread_id", "done")
+    __slots__ = ("done", "thread_id")
 
     def __init__(self) -> None:
         self.thread_id: int | None = None

@@ -27,8 +27,19 @@ def parse_time(value: Any) -> float | None:
 class Request:
     """Everything the worker needs to run one task message."""
 
-    __slots__ = ("task", "message", "delivery", "eta", "expires", "time_limit",
-                 "soft_time_limit", "acked", "started_at", "handle", "hostname")
+    __slots__ = (
+        "acked",
+        "delivery",
+        "eta",
+        "expires",
+        "handle",
+        "hostname",
+        "message",
+        "soft_time_limit",
+        "started_at",
+        "task",
+        "time_limit",
+    )
 
     def __init__(self, task: Task[Any, Any], message: TaskMessage, delivery: Delivery,
                  hostname: str) -> None:

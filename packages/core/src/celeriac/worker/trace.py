@@ -21,6 +21,7 @@ from celeriac.task import pop_request, push_request
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
     from celeriac.broker.base import Consumer
+    from celeriac.events import EventDispatcher
     from celeriac.worker.request import Request
 
 __all__ = ["Tracer"]
@@ -38,6 +39,8 @@ class Tracer:
         self.backend: ResultBackend | None = app.backend
         self.hooks = lifecycle()
         self.revoked: set[str] = set()
+        #: The worker's event dispatcher when task events are on, else None.
+        self.events: EventDispatcher | None = None
 
     # -- acknowledgement ----------------------------------------------------------------------
 
@@ -95,6 +98,9 @@ class Tracer:
             why = "revoked" if request.id in self.revoked else "expired"
             logger.warning("Discarding %s task %s[%s]", why, request.name, request.id)
             self.store(request, states.REVOKED, TaskRevokedError(why))
+            if self.events is not None:
+                self.events.send("task-revoked", uuid=request.id, terminated=False, signum=None,
+                                 expired=why == "expired")
             self.ack(request)
             return
         if not request.acks_late:
@@ -112,6 +118,8 @@ class Tracer:
         context = request.context()
         hooks = self.hooks
         request.started_at = time.monotonic()
+        if self.events is not None:
+            self.events.send("task-started", uuid=request.id)
         push_request(context)
         try:
             if hooks.prerun is not None:
@@ -131,6 +139,8 @@ class Tracer:
         except Reject as exc:
             pop_request()
             logger.info("Task %s[%s] rejected itself: %r", request.name, request.id, exc.reason)
+            if self.events is not None:
+                self.events.send("task-rejected", uuid=request.id, requeue=exc.requeue)
             self.reject(request, requeue=exc.requeue)
             return
         except BaseException as exc:
@@ -167,6 +177,8 @@ class Tracer:
         runtime = time.monotonic() - request.started_at
         if logger.isEnabledFor(logging.INFO):
             logger.info("Task %s[%s] succeeded in %.6fs: %r", request.name, request.id, runtime, retval)
+        if self.events is not None:
+            self.events.send("task-succeeded", uuid=request.id, result=repr(retval)[:1024], runtime=runtime)
         embed = request.message.embed
         headers = request.message.headers
         links = {"parent_id": request.id, "root_id": headers.get("root_id") or request.id}
@@ -196,6 +208,8 @@ class Tracer:
 
     def _on_failure(self, request: Request, exc: BaseException, trace: str) -> None:
         embed = request.message.embed
+        if self.events is not None:
+            self.events.send("task-failed", uuid=request.id, exception=repr(exc), traceback=trace)
         if self._keeps_result(request, failed=True) or embed.get("chord") or embed.get("chain"):
             self.store(request, states.FAILURE, exc, trace)
             # Waiting clients hold the ids of later chain steps: fail those too.
@@ -219,6 +233,8 @@ class Tracer:
 
     def _on_retry(self, request: Request, exc: Retry) -> None:
         logger.info("Task %s[%s] retry: %s", request.name, request.id, exc)
+        if self.events is not None:
+            self.events.send("task-retried", uuid=request.id, exception=repr(exc.exc or exc), traceback=None)
         if self._keeps_result(request):
             self.store(request, states.RETRY, exc.exc if exc.exc is not None else exc)
         request.task.on_retry(exc.exc or exc, request.id, request.message.args,

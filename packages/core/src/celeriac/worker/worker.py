@@ -14,17 +14,20 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from celeriac import __version__
-from celeriac.broker.base import mask_url
+from celeriac.broker.base import BROADCAST, REPLY_QUEUES, mask_url
+from celeriac.events import EventDispatcher
 from celeriac.exceptions import BrokerConnectionError
 from celeriac.plugins.manager import available_pools, plugin_infos, pool_factory
 from celeriac.routing import Queue
 from celeriac.worker.consumer import TaskConsumer
+from celeriac.worker.control import Pidbox
+from celeriac.worker.heartbeat import Heart
 
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
     from celeriac.worker.pool import Pool
 
-__all__ = ["Worker", "default_pool_name", "expand_hostname", "setup_logging", "LOG_FORMAT"]
+__all__ = ["LOG_FORMAT", "Worker", "default_pool_name", "expand_hostname", "setup_logging"]
 
 logger = logging.getLogger("celeriac.worker")
 
@@ -104,6 +107,10 @@ class Worker:
         self._restart = False
         self._sigint_count = 0
         self._stop_requested = threading.Event()
+        self.started_at = time.monotonic()
+        self.heart: Heart | None = None
+        self.pidbox: Pidbox | None = None
+        self.dispatcher: EventDispatcher | None = None
 
     def _select_queues(self, names: Sequence[str] | None, exclude: Sequence[str] | None) -> list[Queue]:
         router = self.app.router
@@ -204,6 +211,13 @@ class Worker:
                                           self.prefetch, self.fetch_timeout)
         if self._stop_requested.is_set():
             self.task_consumer.stop()
+        broker = self.app.broker
+        if broker.has(BROADCAST):
+            self.dispatcher = EventDispatcher(broker, self.hostname, enabled=True)
+            self.set_events(self.events)
+            if broker.has(REPLY_QUEUES):
+                self.pidbox = Pidbox(self)
+                self.pidbox.start()
         logger.info("%s ready.", self.hostname)
         self.ready.set()
         if self.ready_callback is not None:
@@ -216,10 +230,33 @@ class Worker:
             self._reexec()
         return self.exit_code
 
+    @property
+    def totals(self) -> dict[str, int]:
+        """Tasks completed, per task name."""
+        return dict(self.task_consumer.totals) if self.task_consumer else {}
+
+    def set_events(self, enabled: bool) -> None:
+        """Turn task events and heartbeats on or off (``-E``, ``control enable_events``)."""
+        self.events = enabled
+        if self.task_consumer is None or self.dispatcher is None:
+            return
+        self.task_consumer.tracer.events = self.dispatcher if enabled else None
+        if enabled and self.heart is None:
+            consumer = self.task_consumer
+            self.heart = Heart(self.dispatcher, lambda: (len(consumer.active), consumer.processed))
+            self.heart.start()
+        elif not enabled and self.heart is not None:
+            self.heart.stop()
+            self.heart = None
+
     def _shutdown(self) -> None:
         consumer = self.task_consumer
         pool = self.pool
         assert consumer is not None and pool is not None
+        if self.pidbox is not None:
+            self.pidbox.stop()
+        if self.heart is not None:
+            self.heart.stop()
         if self._cold:
             logger.warning("worker: Cold shutdown (%s)", "MainProcess")
             consumer.timer.stop()
@@ -230,7 +267,10 @@ class Worker:
             consumer.requeue_held()
             pool.stop(wait=True)
             consumer.close()
-        self.app.close()
+        if self.install_signals:
+            # The process owns the app (the CLI): close its connections. An embedded worker
+            # leaves them to the program that shares the app.
+            self.app.close()
 
     def stop(self, warm: bool = True, exit_code: int | None = None) -> None:
         """Ask the worker to shut down: warm (finish running tasks) or cold. Thread-safe."""

@@ -1,0 +1,297 @@
+"""Remote control, worker side: the pidbox thread and the command handlers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from celeriac import __version__, states
+from celeriac.backends.base import make_meta
+from celeriac.control import PIDBOX_EXCHANGE
+from celeriac.exceptions import TaskRevokedError
+from celeriac.protocol import Message
+from celeriac.routing import Exchange, Queue
+from celeriac.serialization import json_dumps, json_loads
+
+if TYPE_CHECKING:
+    from celeriac.worker.request import Request
+    from celeriac.worker.worker import Worker
+
+__all__ = ["HANDLERS", "Pidbox"]
+
+logger = logging.getLogger("celeriac.worker")
+
+Handler = Callable[..., Any]
+HANDLERS: dict[str, Handler] = {}
+
+
+def handler(name: str, *aliases: str) -> Callable[[Handler], Handler]:
+    """Register a control command handler ``fn(worker, **arguments) -> reply``."""
+    def register(fn: Handler) -> Handler:
+        for key in (name, *aliases):
+            HANDLERS[key] = fn
+        return fn
+    return register
+
+
+def _info(request: Request, worker: Worker, safe: bool = False) -> dict[str, Any]:
+    headers = request.message.headers
+    return {
+        "id": request.id, "name": request.name,
+        "args": headers.get("argsrepr") if safe else request.message.args,
+        "kwargs": headers.get("kwargsrepr") if safe else request.message.kwargs,
+        "type": request.message.name, "hostname": worker.hostname,
+        "time_start": request.started_at or None, "acknowledged": request.acked,
+        "delivery_info": {"exchange": request.delivery.exchange,
+                          "routing_key": request.delivery.routing_key,
+                          "priority": request.message.properties.get("priority"),
+                          "redelivered": request.delivery.redelivered},
+        "worker_pid": os.getpid(),
+    }
+
+
+@handler("ping")
+def ping(worker: Worker) -> Any:
+    return {"ok": "pong"}
+
+
+@handler("active", "dump_active")
+def active(worker: Worker, safe: bool = False) -> Any:
+    consumer = worker.task_consumer
+    if consumer is None:
+        return []
+    return [_info(r, worker, safe) for r in list(consumer.active.values()) if r.started_at]
+
+
+@handler("reserved", "dump_reserved")
+def reserved(worker: Worker) -> Any:
+    consumer = worker.task_consumer
+    if consumer is None:
+        return []
+    return [_info(r, worker) for r in list(consumer.active.values()) if not r.started_at]
+
+
+@handler("scheduled", "dump_schedule")
+def scheduled(worker: Worker) -> Any:
+    consumer = worker.task_consumer
+    if consumer is None:
+        return []
+    return [{"eta": dt.datetime.fromtimestamp(r.eta or 0, dt.timezone.utc).isoformat(), "priority": 6,
+             "request": _info(r, worker)} for r in list(consumer.held.values())]
+
+
+@handler("revoked", "dump_revoked")
+def revoked(worker: Worker) -> Any:
+    consumer = worker.task_consumer
+    return sorted(consumer.tracer.revoked) if consumer else []
+
+
+@handler("registered", "dump_tasks")
+def registered(worker: Worker, taskinfoitems: Any = None, builtins: bool = False) -> Any:
+    names = sorted(worker.app.tasks)
+    return [n for n in names if builtins or not n.startswith("celery.")]
+
+
+@handler("stats")
+def stats(worker: Worker) -> Any:
+    consumer = worker.task_consumer
+    return {
+        "total": dict(worker.totals), "pid": os.getpid(), "clock": 0,
+        "uptime": int(time.monotonic() - worker.started_at),
+        "pool": {"implementation": worker.pool_name, "max-concurrency": worker.concurrency},
+        "broker": {"transport": worker.app.broker_url.split("://", 1)[0],
+                   "uri": worker.app.broker.safe_url},
+        "prefetch_count": worker.prefetch, "processed": consumer.processed if consumer else 0,
+        "sw_ident": "celeriac", "sw_ver": __version__,
+    }
+
+
+@handler("active_queues")
+def active_queues(worker: Worker) -> Any:
+    result = []
+    for queue in worker.queues:
+        exchange = queue.exchange
+        assert exchange is not None
+        result.append({"name": queue.name, "exchange": {"name": exchange.name, "type": exchange.type},
+                       "routing_key": queue.routing_key, "durable": queue.durable,
+                       "auto_delete": queue.auto_delete, "max_priority": queue.max_priority})
+    return result
+
+
+@handler("query_task")
+def query_task(worker: Worker, ids: Any = ()) -> Any:
+    consumer = worker.task_consumer
+    found: dict[str, Any] = {}
+    if consumer is None:
+        return found
+    wanted = [ids] if isinstance(ids, str) else list(ids)
+    for task_id in wanted:
+        request = consumer.active.get(task_id)
+        if request is not None:
+            found[task_id] = ["active" if request.started_at else "reserved", _info(request, worker)]
+        elif task_id in consumer.held:
+            found[task_id] = ["scheduled", _info(consumer.held[task_id], worker)]
+    return found
+
+
+@handler("conf", "dump_conf")
+def conf(worker: Worker, with_defaults: bool = False) -> Any:
+    from celeriac.config import DEFAULTS
+
+    values = {}
+    for key, value in worker.app.conf.items():
+        if not with_defaults and DEFAULTS.get(key, object()) == value:
+            continue
+        values[key] = value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else repr(value)
+    return values
+
+
+@handler("clock")
+def clock(worker: Worker) -> Any:
+    return {"clock": 0}
+
+
+@handler("revoke")
+def revoke(worker: Worker, task_id: Any = None, terminate: bool = False, signal: str = "SIGTERM") -> Any:
+    ids = [task_id] if isinstance(task_id, str) else list(task_id or ())
+    consumer = worker.task_consumer
+    if consumer is None:
+        return {"error": "worker not started"}
+    consumer.tracer.revoked.update(ids)
+    backend = consumer.tracer.backend
+    for tid in ids:
+        if backend is not None:
+            try:
+                backend.store(tid, make_meta(tid, states.REVOKED, TaskRevokedError("revoked")))
+            except Exception:
+                logger.exception("Could not store the REVOKED state of %s", tid)
+        held = consumer.held.pop(tid, None)
+        if held is not None:
+            consumer.tracer.ack(held)
+    logger.info("Tasks flagged as revoked: %s", ", ".join(ids))
+    return {"ok": f"tasks {', '.join(ids)} flagged as revoked"}
+
+
+@handler("rate_limit")
+def rate_limit(worker: Worker, task_name: str = "", rate_limit: Any = None) -> Any:
+    task = worker.app.tasks.get(task_name)
+    if task is None:
+        return {"error": f"unknown task {task_name}"}
+    task.rate_limit = rate_limit or None
+    if worker.task_consumer is not None:
+        worker.task_consumer._buckets.pop(task_name, None)
+    return {"ok": "new rate limit set successfully"}
+
+
+@handler("time_limit")
+def time_limit(worker: Worker, task_name: str = "", soft: Any = None, hard: Any = None) -> Any:
+    task = worker.app.tasks.get(task_name)
+    if task is None:
+        return {"error": f"unknown task {task_name}"}
+    task.soft_time_limit, task.time_limit = soft, hard
+    return {"ok": "time limits set successfully"}
+
+
+@handler("shutdown")
+def shutdown(worker: Worker, msg: str = "") -> Any:
+    logger.warning("Got shutdown from remote")
+    worker.stop(warm=True)
+    return {"ok": "shutting down"}
+
+
+@handler("enable_events")
+def enable_events(worker: Worker) -> Any:
+    worker.set_events(True)
+    return {"ok": "task events enabled"}
+
+
+@handler("disable_events")
+def disable_events(worker: Worker) -> Any:
+    worker.set_events(False)
+    return {"ok": "task events disabled"}
+
+
+@handler("heartbeat")
+def heartbeat(worker: Worker) -> Any:
+    if worker.heart is not None:
+        worker.heart.beat("worker-heartbeat")
+    return None
+
+
+class Pidbox:
+    """Listens on ``celery.pidbox`` in its own thread and answers commands for one worker."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.broker = worker.app.broker
+        self.subscription = self.broker.subscribe(PIDBOX_EXCHANGE)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="Pidbox", daemon=True)
+
+    def start(self) -> None:
+        """Start answering."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop answering."""
+        self._stop.set()
+        self._thread.join(5)
+        self.subscription.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                messages = self.subscription.fetch(0.5)
+            except Exception as exc:
+                logger.error("Remote control channel error: %s", exc)
+                self._stop.wait(1.0)
+                continue
+            for message in messages:
+                try:
+                    self.handle(message)
+                except Exception:
+                    logger.exception("Remote control command failed")
+
+    def _selected(self, body: dict[str, Any]) -> bool:
+        destination = body.get("destination")
+        if destination:
+            return self.worker.hostname in destination
+        pattern = body.get("pattern")
+        if pattern:
+            return fnmatch.fnmatch(self.worker.hostname, str(pattern))
+        return True
+
+    def handle(self, message: Message) -> None:
+        """Run one command message and send its reply when one is asked for."""
+        expires = message.headers.get("expires") if isinstance(message.headers, dict) else None
+        if expires and float(expires) < time.time():
+            return
+        body = json_loads(message.body)
+        if not isinstance(body, dict) or not self._selected(body):
+            return
+        method = str(body.get("method"))
+        fn = HANDLERS.get(method)
+        if fn is None:
+            logger.error("No such control command: %s", method)
+            reply: Any = {"error": f"No such control command: {method}"}
+        else:
+            try:
+                reply = fn(self.worker, **(body.get("arguments") or {}))
+            except Exception as exc:
+                logger.exception("Control command %s failed", method)
+                reply = {"error": repr(exc)}
+        reply_to = body.get("reply_to")
+        if reply_to and body.get("ticket"):
+            key = str(reply_to.get("routing_key"))
+            queue = Queue(f"{key}.reply.celery.pidbox", Exchange(str(reply_to.get("exchange")), "direct",
+                                                                 durable=False),
+                          key, durable=False, auto_delete=True, expires=10.0)
+            self.broker.publish(Message({"ticket": body["ticket"], "clock": 0}, {"delivery_mode": 1},
+                                        json_dumps({self.worker.hostname: reply})),
+                                str(reply_to.get("exchange")), key, queue=queue)
