@@ -203,3 +203,23 @@ def test_mypy_checks_delay_arguments(tmp_path: Path) -> None:
     assert len(errors) == 2, out.stdout
     assert 'sample.py:10' in errors[0] and '"str"' in errors[0]
     assert 'sample.py:11' in errors[1]
+
+
+def test_timezone_setting_shapes_eta_headers() -> None:
+    from celeriac.protocol import Message
+
+    app = Celeriac("proj", broker="memory://tz", timezone="Europe/London")
+
+    @app.task
+    def noop() -> None:
+        return None
+
+    sent: list[Message] = []
+    app.broker.publish = lambda message, *a, **k: sent.append(message)  # type: ignore[method-assign]
+    noop.apply_async(countdown=60)
+    eta = sent[0].headers["eta"]
+    assert eta[-6:] in ("+00:00", "+01:00")
+    assert app.now().tzinfo is not None and str(app.timezone) == "Europe/London"
+    app.conf.timezone = "Not/AZone"
+    with pytest.raises(ImproperlyConfigured, match="IANA"):
+        app.now()

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from celeriac.config import DEFAULT_BROKER_URL, Settings
-from celeriac.exceptions import NotRegistered
+from celeriac.exceptions import ImproperlyConfigured, NotRegistered
 from celeriac.protocol import encode_task
 from celeriac.routing import Queue, Router
 from celeriac.task import P, R, Task, current_request
@@ -43,9 +43,10 @@ class TaskRegistry(dict[str, "Task[Any, Any]"]):
 
 
 def _to_utc(value: dt.datetime) -> dt.datetime:
+    """Naive datetimes are taken as UTC, as Celery does with ``enable_utc``."""
     if value.tzinfo is None:
         return value.replace(tzinfo=dt.timezone.utc)
-    return value.astimezone(dt.timezone.utc)
+    return value
 
 
 class Celeriac:
@@ -74,6 +75,7 @@ class Celeriac:
         self._backend: ResultBackend | None = None
         self._router: Router | None = None
         self._router_version = -1
+        self._tz: tuple[str, dt.tzinfo] | None = None
         self._lock = threading.RLock()
         _apps.append(self)
         for register in _shared_tasks:
@@ -180,9 +182,27 @@ class Celeriac:
             self._local.oid = oid
         return oid
 
+    @property
+    def timezone(self) -> dt.tzinfo:
+        """The ``timezone`` setting as a tzinfo (UTC when unset)."""
+        name = self.conf.get("timezone")
+        if not name:
+            return dt.timezone.utc
+        if self._tz is None or self._tz[0] != name:
+            try:
+                from zoneinfo import ZoneInfo
+
+                self._tz = (name, ZoneInfo(str(name)))
+            except Exception as exc:
+                raise ImproperlyConfigured(
+                    f"timezone={name!r} is not a known time zone ({exc}); use an IANA name such as "
+                    "'Europe/London'."
+                ) from exc
+        return self._tz[1]
+
     def now(self) -> dt.datetime:
-        """The current time, aware, in UTC."""
-        return dt.datetime.now(dt.timezone.utc)
+        """The current time, aware, in the app's ``timezone`` (UTC by default)."""
+        return dt.datetime.now(self.timezone)
 
     # -- tasks --------------------------------------------------------------------------------
 

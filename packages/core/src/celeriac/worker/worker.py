@@ -94,6 +94,9 @@ class Worker:
         if soft_time_limit is not None:
             app.conf["task_soft_time_limit"] = soft_time_limit
         self.max_tasks_per_child = max_tasks_per_child
+        if max_tasks_per_child and self.pool_name in ("threads", "solo"):
+            logger.warning("--max-tasks-per-child only applies to process pools; the %s pool "
+                           "ignores it.", self.pool_name)
         self.install_signals = install_signals
         self.ready_callback = ready_callback
         self.fetch_timeout = fetch_timeout
