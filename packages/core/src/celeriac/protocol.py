@@ -7,7 +7,6 @@ inside the body; the worker decodes it with :func:`decode_task`.
 from __future__ import annotations
 
 import os
-import reprlib
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,17 +25,10 @@ STANDARD_HEADERS = frozenset({
 })
 EMPTY_EMBED: dict[str, Any] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
-_repr = reprlib.Repr()
-_repr.maxstring = 256
-_repr.maxother = 256
-_repr.maxlist = 64
-_repr.maxtuple = 64
-_repr.maxdict = 64
-
-
 def _saferepr(obj: Any) -> str:
+    """``repr`` cut to Celery's 1024 characters; never raises."""
     try:
-        text = _repr.repr(obj)
+        text = repr(obj)
     except Exception:  # a user object whose __repr__ fails must not stop the send
         text = f"<unrepresentable {type(obj).__name__}>"
     return text[:ARGSREPR_MAXSIZE]
