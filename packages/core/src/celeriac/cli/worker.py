@@ -22,7 +22,7 @@ def _check_pidfile(path: str) -> None:
             pid = int(handle.read().strip() or 0)
     except (OSError, ValueError):
         return
-    if pid:
+    if pid and pid != os.getpid():  # our own pid: a SIGHUP restart re-executed this process
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
