@@ -246,3 +246,27 @@ def test_unknown_app_is_a_clear_error(tmp_path: pathlib.Path) -> None:
     assert out.returncode != 0
     assert "module 'no_such_proj' was not found" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_detached_worker_restarts_on_sighup_and_stops_on_sigterm(project: Any) -> None:
+    cwd, env = project
+    pidfile, logfile = cwd / "w.pid", cwd / "w.log"
+    started = subprocess.run([sys.executable, "-m", "celeriac", "-A", "proj", "worker", "--detach", "-l", "info",
+                              "--pidfile", str(pidfile), "--logfile", str(logfile)],
+                             cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    assert started.returncode == 0, started.stderr
+
+    def wait_for(predicate: Any, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not predicate():
+            assert time.monotonic() < deadline, f"{what}:\n{logfile.read_text() if logfile.exists() else ''}"
+            time.sleep(0.1)
+
+    wait_for(lambda: logfile.exists() and logfile.read_text().count(" ready.") == 1, "first start")
+    os.kill(int(pidfile.read_text()), signal.SIGHUP)
+    wait_for(lambda: logfile.read_text().count(" ready.") == 2, "restart after SIGHUP")
+    assert "SIGHUP received, restarting" in logfile.read_text()
+    assert _client(cwd, "from proj.tasks import add\nprint(add.delay(1, 2).get(timeout=20))", env).strip() == "3"
+    os.kill(int(pidfile.read_text()), signal.SIGTERM)
+    wait_for(lambda: not pidfile.exists(), "pidfile removed after SIGTERM")
+    assert logfile.read_text().count("Warm shutdown") == 2
