@@ -76,6 +76,7 @@ class Celeriac:
         self._router: Router | None = None
         self._router_version = -1
         self._tz: tuple[str, dt.tzinfo] | None = None
+        self._inherited: list[Any] = []
         self._lock = threading.RLock()
         _apps.append(self)
         for register in _shared_tasks:
@@ -108,8 +109,11 @@ class Celeriac:
 
     def _check_fork(self) -> None:
         if self._pid != os.getpid():
-            # A forked child must not share its parent's sockets.
+            # A forked child must not share its parent's sockets: it opens its own, and keeps
+            # the inherited objects referenced so that their finalizers never close the
+            # parent's connections.
             self._pid = os.getpid()
+            self._inherited.extend(x for x in (self._broker, self._backend) if x is not None)
             self._broker = None
             self._backend = None
 

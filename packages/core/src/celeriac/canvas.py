@@ -187,6 +187,8 @@ class Signature(dict[str, Any]):
         opts = self.options
         task_id = opts.get("task_id") or _id or str(uuid.uuid4())
         opts["task_id"] = task_id
+        # Results of later steps go to the caller's reply queue (rpc://), as Celery does.
+        opts.setdefault("reply_to", self.app.thread_oid)
         for key, value in (("group_id", group_id), ("root_id", root_id),
                            ("parent_id", parent_id), ("group_index", group_index)):
             if value is not None and not opts.get(key):

@@ -121,7 +121,13 @@ class WorkerLostError(CeleriacError):
 
 
 class BrokerConnectionError(CeleriacError):
-    """The broker cannot be reached; the message names the URL (password masked)."""
+    """The broker cannot be reached; the message names the URL (password masked).
+
+    ``transient`` is False for errors retrying cannot fix (wrong password, unknown vhost): the
+    worker then stops instead of retrying. Plugins set it on their subclasses or instances.
+    """
+
+    transient: bool = True
 
 
 class RemoteTaskError(CeleriacError):

@@ -21,12 +21,13 @@ from celeriac.exceptions import (
     NotRegistered,
     SoftTimeLimitExceeded,
     TimeLimitExceeded,
+    WorkerLostError,
 )
 from celeriac.protocol import decode_task
 from celeriac.serialization import AcceptPolicy
 from celeriac.worker.request import Request
 from celeriac.worker.timer import Timer
-from celeriac.worker.trace import Tracer
+from celeriac.worker.trace import Tracer, run_payload
 
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
@@ -220,7 +221,11 @@ class TaskConsumer:
     def _submit(self, request: Request) -> None:
         with self._lock:
             self.active[request.id] = request
-        request.handle = self.pool.apply_async(self._execute, (request,), self._on_done)
+        if self.pool.process_based:
+            request.handle = self.pool.apply_async(
+                run_payload, (request.to_payload(),), lambda outcome: self._on_process_done(request, outcome))
+        else:
+            request.handle = self.pool.apply_async(self._execute, (request,), self._on_done)
         if self.pool.soft_time_limits:
             if request.soft_time_limit:
                 self.timer.call_later(float(request.soft_time_limit),
@@ -239,6 +244,35 @@ class TaskConsumer:
             self.tracer.reject(request, requeue=True)
             return request
         return self.tracer.run(request)
+
+    def _on_process_done(self, request: Request, outcome: Any) -> None:
+        """Apply a pool process's ack decision (or handle its death) in the parent."""
+        tracer = self.tracer
+        try:
+            if outcome == "ack":
+                tracer.ack(request)
+            elif outcome in ("reject", "requeue", "notstarted"):
+                tracer.reject(request, requeue=outcome != "reject")
+            elif outcome == "timeout":
+                error: BaseException = TimeLimitExceeded(f"Task {request.name}[{request.id}] exceeded its "
+                                                         f"hard time limit of {request.time_limit} s.")
+                logger.error("%s The process running it was killed.", error)
+                tracer._on_failure(request, error, f"TimeLimitExceeded: {error}\n")
+                tracer.ack(request)
+            else:
+                if request.acks_late and request.task.reject_on_worker_lost:
+                    logger.error("The process running %s[%s] died; requeued (reject_on_worker_lost).",
+                                 request.name, request.id)
+                    tracer.reject(request, requeue=True)
+                else:
+                    error = WorkerLostError(f"The process running {request.name}[{request.id}] died "
+                                            f"unexpectedly ({outcome}).")
+                    logger.error("%s", error)
+                    tracer._on_failure(request, error, f"WorkerLostError: {error}\n")
+                    tracer.ack(request)
+        except Exception:
+            logger.exception("Could not settle task %s[%s]", request.name, request.id)
+        self._on_done(request)
 
     def _on_done(self, request: Any) -> None:
         with self._lock:

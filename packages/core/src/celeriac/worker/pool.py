@@ -30,6 +30,15 @@ class Pool(abc.ABC):
     name: ClassVar[str] = "?"
     #: True when :meth:`raise_soft_timeout` can interrupt a running task.
     soft_time_limits: ClassVar[bool] = False
+    #: True for pools that run tasks in other processes. The worker then submits
+    #: ``celeriac.worker.trace.run_payload`` with plain-data arguments, calls
+    #: :meth:`init_processes` before :meth:`start`, and the callback receives the ack decision
+    #: (``ack``, ``reject``, ``requeue``) or ``lost`` / ``timeout`` when the process died or was
+    #: killed at the hard time limit.
+    process_based: ClassVar[bool] = False
+
+    def init_processes(self, initializer: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        """Process pools: run ``initializer(*args)`` in every new process (after fork)."""
 
     def __init__(self, concurrency: int = 1, app: Any = None, **options: Any) -> None:
         self.concurrency = max(1, int(concurrency))

@@ -29,6 +29,7 @@ class Request:
 
     __slots__ = (
         "acked",
+        "outcome",
         "delivery",
         "eta",
         "expires",
@@ -56,6 +57,8 @@ class Request:
         self.started_at = 0.0
         self.handle: Any = None
         self.hostname = hostname
+        #: In a pool process: the ack decision to send back (ack, reject, requeue).
+        self.outcome: str | None = None
 
     @property
     def id(self) -> str:
@@ -93,3 +96,30 @@ class Request:
             ignore_result=bool(headers.get("ignore_result")), shadow=headers.get("shadow"),
             replaced_task_nesting=headers.get("replaced_task_nesting") or 0,
         )
+
+    def to_payload(self) -> dict[str, Any]:
+        """Plain, picklable data for a pool process (:func:`Request.from_payload`)."""
+        message, delivery = self.message, self.delivery
+        return {
+            "headers": message.headers, "properties": message.properties, "args": message.args,
+            "kwargs": message.kwargs, "embed": message.embed, "queue": delivery.queue,
+            "exchange": delivery.exchange, "routing_key": delivery.routing_key,
+            "redelivered": delivery.redelivered, "hostname": self.hostname,
+            "time_limit": self.time_limit, "soft_time_limit": self.soft_time_limit,
+            "acked": self.acked,
+        }
+
+    @classmethod
+    def from_payload(cls, app: Any, payload: dict[str, Any]) -> Request:
+        """Rebuild a request in a pool process from :meth:`to_payload` output."""
+        from celeriac.protocol import Message
+
+        message = TaskMessage(payload["headers"], payload["properties"], payload["args"],
+                              payload["kwargs"], payload["embed"])
+        delivery = Delivery(Message(payload["headers"], payload["properties"], b""), payload["queue"],
+                            None, payload["exchange"], payload["routing_key"], payload["redelivered"])
+        request = cls(app.tasks[message.name], message, delivery, payload["hostname"])
+        request.time_limit = payload["time_limit"]
+        request.soft_time_limit = payload["soft_time_limit"]
+        request.acked = payload["acked"]
+        return request

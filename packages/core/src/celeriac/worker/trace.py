@@ -32,7 +32,7 @@ logger = logging.getLogger("celeriac.worker")
 class Tracer:
     """Executes requests for one worker: app, result backend, and the consumer to ack on."""
 
-    def __init__(self, app: Celeriac, consumer: Consumer, hostname: str) -> None:
+    def __init__(self, app: Celeriac, consumer: Consumer | None, hostname: str) -> None:
         self.app = app
         self.consumer = consumer
         self.hostname = hostname
@@ -48,13 +48,19 @@ class Tracer:
         """Ack the request's message once."""
         if not request.acked:
             request.acked = True
-            self.consumer.ack(request.delivery)
+            if self.consumer is None:  # in a pool process: the parent applies the decision
+                request.outcome = "ack"
+            else:
+                self.consumer.ack(request.delivery)
 
     def reject(self, request: Request, requeue: bool) -> None:
         """Reject the request's message once."""
         if not request.acked:
             request.acked = True
-            self.consumer.reject(request.delivery, requeue=requeue)
+            if self.consumer is None:
+                request.outcome = "requeue" if requeue else "reject"
+            else:
+                self.consumer.reject(request.delivery, requeue=requeue)
 
     # -- storing ------------------------------------------------------------------------------
 
@@ -292,3 +298,34 @@ def _pid() -> int:
     import os
 
     return os.getpid()
+
+
+# -- process pools ------------------------------------------------------------------------------
+
+_child_tracer: Tracer | None = None
+
+
+def init_process(app: Celeriac, hostname: str, events: bool) -> None:
+    """Prepare a pool process (after fork) to run :func:`run_payload`."""
+    global _child_tracer
+    _child_tracer = Tracer(app, None, hostname)
+    if events:
+        from celeriac.events import EventDispatcher
+
+        _child_tracer.events = EventDispatcher(app.broker, hostname)
+
+
+def run_payload(payload: dict[str, Any]) -> str:
+    """Run one request in a pool process; return the ack decision for the parent.
+
+    ``payload`` is :meth:`Request.to_payload` (plain data). The answer is ``ack``, ``reject``
+    or ``requeue``.
+    """
+    from celeriac.worker.request import Request
+
+    tracer = _child_tracer
+    if tracer is None:
+        raise RuntimeError("init_process() was not called in this pool process.")
+    request = Request.from_payload(tracer.app, payload)
+    tracer.run(request)
+    return request.outcome or "ack"

@@ -190,11 +190,18 @@ class Worker:
                 return True
             except BrokerConnectionError as exc:
                 attempt += 1
-                if not retry or (max_retries and attempt > max_retries):
-                    logger.critical("Cannot connect to %s: %s. Giving up.", mask_url(self.app.broker_url), exc)
+                reason = str(exc)
+                url = mask_url(self.app.broker_url)
+                if url not in reason:
+                    reason = f"{url}: {reason}"
+                if not getattr(exc, "transient", True):
+                    logger.critical("Cannot connect to %s. This will not get better by retrying; giving up.",
+                                    reason)
                     return False
-                logger.error("Cannot connect to %s: %s. Trying again in %.0f s (attempt %d).",
-                             mask_url(self.app.broker_url), exc, delay, attempt)
+                if not retry or (max_retries and attempt > max_retries):
+                    logger.critical("Cannot connect to %s. Giving up after %d attempts.", reason, attempt)
+                    return False
+                logger.error("Cannot connect to %s. Trying again in %.0f s (attempt %d).", reason, delay, attempt)
                 if self._stop_requested.wait(delay):
                     return False
                 delay = min(delay * 2, 32.0)
@@ -207,7 +214,12 @@ class Worker:
         if not self._connect():
             return 1
         factory = pool_factory(self.pool_name)
-        self.pool = factory(concurrency=self.concurrency, app=self.app)
+        self.pool = factory(concurrency=self.concurrency, app=self.app,
+                            max_tasks_per_child=self.max_tasks_per_child)
+        if self.pool.process_based:
+            from celeriac.worker.trace import init_process
+
+            self.pool.init_processes(init_process, (self.app, self.hostname, self.events))
         self.pool.start()
         consumer = self.app.broker.consumer(self.queues, self.prefetch)
         self.task_consumer = TaskConsumer(self.app, consumer, self.pool, self.hostname,

@@ -1,0 +1,343 @@
+"""``amqp://`` / ``amqps://`` / ``pyamqp://``: RabbitMQ through pika, with Celery's topology.
+
+Publishing uses one connection per publishing thread (pika is not thread-safe), with publisher
+confirms unless ``broker_transport_options={"confirm_publish": False}``: ``publish`` returns
+once RabbitMQ has taken responsibility for the message. A lost connection is reopened and the
+publish retried with backoff for up to ``publish_retry_timeout`` seconds (transport option,
+default 30), so a client rides out a RabbitMQ restart. Consumers run in their own I/O thread
+(:mod:`celeriac_amqp.consumer`); delayed delivery is broker-side (:mod:`celeriac_amqp.delay`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import pika
+import pika.exceptions as pex
+from celeriac.broker.base import (
+    BATCH,
+    BROADCAST,
+    DELAY,
+    PRIORITY,
+    QUEUE_SIZE,
+    REPLY_QUEUES,
+    Broker,
+    BrokerConnectionError,
+    Consumer,
+    Subscription,
+)
+from celeriac.protocol import Message
+from celeriac.routing import Queue
+
+from celeriac_amqp import delay, fieldtable
+from celeriac_amqp.consumer import AMQPConsumer, AMQPSubscription, task_setup
+from celeriac_amqp.link import (
+    NOT_FOUND,
+    TRANSIENT_ERRORS,
+    FatalConnectionError,
+    Link,
+    RetryPolicy,
+    describe,
+    exchange_kind,
+    open_connection,
+)
+from celeriac_amqp.url import parse_url
+
+__all__ = ["AMQPBroker", "build_properties"]
+
+logger = logging.getLogger("celeriac.amqp")
+
+T = TypeVar("T")
+
+_RETRYABLE: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, BrokerConnectionError)
+
+fieldtable.install()
+
+# pika logs every lost connection with a traceback at ERROR level; this plugin reports
+# connection problems itself, in one line. Set the "pika" logger's level to see pika's own.
+if logging.getLogger("pika").level == logging.NOTSET:
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
+
+
+def build_properties(message: Message, *, drop_expiration: bool = False,
+                     extra_headers: Mapping[str, Any] | None = None) -> pika.BasicProperties:
+    """AMQP basic properties for ``message`` (headers may hold nulls and floats)."""
+    props = message.properties
+    headers = dict(message.headers or {})
+    if extra_headers:
+        headers.update(extra_headers)
+    delivery_mode = props.get("delivery_mode")
+    priority = props.get("priority")
+    expiration = None if drop_expiration else props.get("expiration")
+    correlation_id = props.get("correlation_id")
+    reply_to = props.get("reply_to")
+    return pika.BasicProperties(
+        content_type=message.content_type or None,
+        content_encoding=message.content_encoding or None,
+        headers=headers,
+        delivery_mode=int(delivery_mode) if delivery_mode is not None else None,
+        priority=int(priority) if priority is not None else None,
+        correlation_id=str(correlation_id) if correlation_id is not None else None,
+        reply_to=str(reply_to) if reply_to is not None else None,
+        expiration=str(int(float(expiration))) if expiration is not None else None,
+        message_id=props.get("message_id"),
+        timestamp=props.get("timestamp"),
+        type=props.get("type"),
+        app_id=props.get("app_id"),
+    )
+
+
+def _delay_target(exchange: str, routing_key: str, queue: Queue | None) -> str | None:
+    """The queue a delayed message must end up in, or None when it cannot be delayed by the
+    broker (a named topic/fanout exchange may fan out to several queues)."""
+    if not exchange:
+        return routing_key
+    if (queue is not None and queue.exchange is not None and queue.exchange.name == exchange
+            and queue.exchange.type == "direct" and queue.binding_key == routing_key):
+        return queue.name
+    return None
+
+
+def _forget_after_fork(broker: AMQPBroker) -> None:
+    """In a forked child (prefork pools), drop the parent's connections without touching them:
+    their sockets belong to the parent. The child opens its own at first use."""
+    ref = weakref.ref(broker)
+
+    def reset() -> None:
+        child = ref()
+        if child is not None:
+            child._local = threading.local()
+            child._links = {}
+            child._lock = threading.Lock()
+            child._consumers = set()
+
+    os.register_at_fork(after_in_child=reset)
+
+
+class AMQPBroker(Broker):
+    """RabbitMQ broker. Every public method is thread-safe."""
+
+    capabilities = frozenset({DELAY, PRIORITY, QUEUE_SIZE, BROADCAST, REPLY_QUEUES, BATCH})
+    description = "RabbitMQ (AMQP 0-9-1 via pika)"
+
+    def __init__(self, url: str, conf: Mapping[str, Any]) -> None:
+        super().__init__(url, conf)
+        self.addresses = parse_url(url)
+        opts = conf.get("broker_transport_options") or {}
+        self.confirm_publish = bool(opts.get("confirm_publish", True))
+        self.publish_retry_timeout = float(opts.get("publish_retry_timeout", 30.0))
+        self.retry_policy = RetryPolicy.from_conf(conf)
+        heartbeat = conf.get("broker_heartbeat")
+        self.heartbeat = 120.0 if heartbeat is None else float(heartbeat)
+        self._local = threading.local()
+        self._links: dict[int, Link] = {}
+        self._lock = threading.Lock()
+        self._consumers: set[AMQPConsumer] = set()
+        self._closed = False
+        _forget_after_fork(self)
+
+    # -- connections --------------------------------------------------------------------------
+
+    def _open_link(self, confirm: bool) -> Link:
+        connection = open_connection(self.addresses, self.conf, self.safe_url)
+        try:
+            return Link(connection, self.conf, confirm)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                connection.close()
+            raise
+
+    def _thread_link(self) -> Link:
+        link: Link | None = getattr(self._local, "link", None)
+        if link is not None and link.is_open:
+            try:
+                link.check_alive(self.heartbeat)
+                return link
+            except _RETRYABLE:
+                # idle longer than the heartbeat allows (a long task): RabbitMQ closed it
+                logger.debug("Idle connection to %s was closed; reopening.", self.safe_url)
+        if link is not None:
+            self._drop_thread_link()
+        if self._closed:
+            raise BrokerConnectionError(f"The broker {self.safe_url} was closed.")
+        link = self._open_link(self.confirm_publish)
+        self._local.link = link
+        with self._lock:
+            self._links[threading.get_ident()] = link
+            self._prune_dead_threads()
+        return link
+
+    def _prune_dead_threads(self) -> None:
+        alive = {t.ident for t in threading.enumerate()}
+        for ident in [i for i in self._links if i not in alive]:
+            self._links.pop(ident).close()
+
+    def _drop_thread_link(self) -> None:
+        link: Link | None = getattr(self._local, "link", None)
+        self._local.link = None
+        with self._lock:
+            self._links.pop(threading.get_ident(), None)
+        if link is not None:
+            link.close()
+
+    def _call(self, what: str, op: Callable[[Link], T], retry_for: float | None = None) -> T:
+        """Run ``op`` on this thread's link, reconnecting and retrying transient failures for
+        up to ``retry_for`` seconds (default ``publish_retry_timeout``)."""
+        deadline = time.monotonic() + (self.publish_retry_timeout if retry_for is None else retry_for)
+        intervals = self.retry_policy.intervals()
+        warned = False
+        while True:
+            try:
+                return op(self._thread_link())
+            except FatalConnectionError:
+                raise
+            except pex.ChannelClosedByBroker as exc:
+                self._drop_thread_link()
+                raise BrokerConnectionError(
+                    f"RabbitMQ refused to {what} ({self.safe_url}): {describe(exc)}") from None
+            except pex.NackError:
+                raise BrokerConnectionError(
+                    f"RabbitMQ did not accept the message ({what}, negative confirm).") from None
+            except _RETRYABLE as exc:
+                self._drop_thread_link()
+                if self._closed or time.monotonic() >= deadline:
+                    raise BrokerConnectionError(
+                        f"Cannot {what} ({self.safe_url}): {describe(exc)}") from None
+                wait = min(next(intervals), max(0.0, deadline - time.monotonic()))
+                if not warned:
+                    logger.warning("Connection to %s failed (%s); retrying to %s.",
+                                   self.safe_url, describe(exc), what)
+                    warned = True
+                time.sleep(wait)
+
+    def connect(self) -> None:
+        """Open this thread's connection now (one attempt per address; the caller decides
+        whether to retry).
+
+        Raises ``BrokerConnectionError`` (one line, password masked) when RabbitMQ cannot be
+        reached, and its subclass ``FatalConnectionError`` (``transient = False``) when it
+        refuses the login or the vhost.
+        """
+        self._call("connect", lambda link: None, retry_for=0.0)
+
+    # -- SPI ----------------------------------------------------------------------------------
+
+    def declare(self, queue: Queue) -> None:
+        """Declare ``queue``, its exchange and binding (cached per connection). Thread-safe."""
+        self._call(f"declare queue {queue.name!r}", lambda link: link.declare_queue(queue))
+
+    def publish(self, message: Message, exchange: str, routing_key: str, *,
+                queue: Queue | None = None, not_before: float | None = None) -> None:
+        """Publish ``message``; returns once RabbitMQ confirmed it (unless confirms are off).
+
+        ``queue`` is declared first (cached). With ``not_before`` in the future the message
+        takes the delayed-delivery path to its queue (see :mod:`celeriac_amqp.delay`); a message
+        for a named topic/fanout exchange is published at once instead (the worker then holds
+        it until its ETA). Thread-safe. Raises ``BrokerConnectionError``.
+        """
+        body = message.body
+
+        def op(link: Link) -> None:
+            if queue is not None:
+                link.declare_queue(queue)
+            if not_before is not None:
+                delay_ms = math.ceil((not_before - time.time()) * 1000)
+                target = _delay_target(exchange, routing_key, queue) if delay_ms > 0 else None
+                if target is not None:
+                    link.ensure_delay_topology()
+                    if link.bind_delay_target(target):
+                        props = build_properties(message, drop_expiration=True,
+                                                 extra_headers={delay.TARGET_HEADER: target})
+                        link.channel.basic_publish(delay.entry_exchange(delay_ms),
+                                                   delay.routing_key(delay_ms), body, props)
+                        return
+            link.channel.basic_publish(exchange, routing_key, body, build_properties(message))
+
+        self._call(f"publish to {exchange or routing_key!r}", op)
+
+    def consumer(self, queues: Sequence[Queue], prefetch: int, *, no_ack: bool = False) -> Consumer:
+        """Consume ``queues`` (declared first) with at most ``prefetch`` unacked deliveries
+        (0 = unlimited) from a dedicated connection and I/O thread. Raises
+        ``BrokerConnectionError`` at once for refused credentials or vhost."""
+        setup, redeclare = task_setup(self, queues)
+        name = ",".join(q.name for q in queues)[:40]
+        consumer = AMQPConsumer(self, setup, prefetch, no_ack, name=name, redeclare=redeclare)
+        with self._lock:
+            self._consumers.add(consumer)
+        return consumer
+
+    def _forget_consumer(self, consumer: AMQPConsumer) -> None:
+        with self._lock:
+            self._consumers.discard(consumer)
+
+    def _passive(self, queue: str, action: Callable[[Link], int]) -> Callable[[Link], int]:
+        def op(link: Link) -> int:
+            try:
+                return action(link)
+            except pex.ChannelClosedByBroker as exc:
+                if exc.reply_code != NOT_FOUND:
+                    raise
+                link.reopen_channel()
+                return 0
+        return op
+
+    def purge(self, queue: str) -> int:
+        """Delete the ready messages of ``queue``; return how many (0 if it does not exist).
+        Messages still on their way through the delay queues are not affected."""
+        return self._call(f"purge {queue!r}", self._passive(
+            queue, lambda link: int(link.channel.queue_purge(queue).method.message_count)))
+
+    def queue_size(self, queue: str) -> int | None:
+        """Number of ready messages in ``queue`` (0 if it does not exist)."""
+        return self._call(f"count {queue!r}", self._passive(
+            queue, lambda link: int(link.channel.queue_declare(queue, passive=True).method.message_count)))
+
+    def delete_queue(self, queue: str) -> None:
+        """Delete ``queue`` and its messages; forget it in every connection's cache."""
+        def action(link: Link) -> int:
+            link.channel.queue_delete(queue)
+            return 0
+
+        with self._lock:
+            for link in self._links.values():
+                link.declared.pop(queue, None)
+                link.delay_targets.discard(queue)
+        self._call(f"delete {queue!r}", self._passive(queue, action))
+
+    def broadcast(self, exchange: str, message: Message, routing_key: str = "") -> None:
+        """Publish ``message`` to every queue bound to ``exchange`` (fire-and-forget: no
+        confirm). The exchange is declared with Celery's type for its name. Thread-safe."""
+        kind, durable = exchange_kind(exchange, self.conf)
+
+        def op(link: Link) -> None:
+            link.declare_exchange(exchange, kind, durable)
+            link.plain_channel().basic_publish(exchange, routing_key, message.body,
+                                               build_properties(message))
+
+        self._call(f"broadcast to {exchange!r}", op)
+
+    def subscribe(self, exchange: str, pattern: str = "#") -> Subscription:
+        """Receive broadcasts of ``exchange`` matching ``pattern`` through an exclusive,
+        auto-deleted queue on a dedicated connection."""
+        return AMQPSubscription(self, exchange, pattern)
+
+    def close(self) -> None:
+        """Close consumers and every publishing connection. Idempotent."""
+        self._closed = True
+        with self._lock:
+            consumers = list(self._consumers)
+            links = list(self._links.values())
+            self._links.clear()
+        for consumer in consumers:
+            consumer.close()
+        for link in links:
+            link.close()
+        self._local = threading.local()

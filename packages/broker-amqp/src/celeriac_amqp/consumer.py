@@ -1,0 +1,416 @@
+"""Consumers and broadcast subscriptions, each driven by its own I/O thread.
+
+pika connections are not thread-safe, so each consumer owns one connection used only by its I/O
+thread. That thread keeps processing frames (heartbeats survive however long tasks run),
+appends deliveries to a thread-safe buffer that :meth:`AMQPConsumer.fetch` reads, and applies
+acks and rejects queued from any thread (woken through ``add_callback_threadsafe``), batched
+with ``multiple=True`` when they form a contiguous run. When the connection drops it reconnects
+with backoff and consumes again; deliveries of the lost connection are dropped locally (RabbitMQ
+redelivers them) and acks for them are ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue as queue_mod
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pika
+from celeriac.broker.base import BrokerConnectionError, Consumer, Delivery, Subscription
+from celeriac.protocol import Message
+from celeriac.routing import Queue
+
+from celeriac_amqp import delay
+from celeriac_amqp.link import (
+    TRANSIENT_ERRORS,
+    FatalConnectionError,
+    Link,
+    describe,
+    exchange_kind,
+)
+
+if TYPE_CHECKING:
+    from celeriac_amqp.broker import AMQPBroker
+
+__all__ = ["AMQPConsumer", "AMQPSubscription", "to_message"]
+
+logger = logging.getLogger("celeriac.amqp")
+
+_PROPERTY_NAMES = ("correlation_id", "reply_to", "delivery_mode", "priority", "expiration",
+                   "message_id", "timestamp", "type", "app_id", "user_id")
+
+
+def to_message(properties: pika.BasicProperties, body: bytes) -> tuple[Message, str | None]:
+    """Turn a received AMQP message into a :class:`Message`; also return the delay target
+    when the message came through the delayed-delivery path (its routing headers removed)."""
+    headers = dict(properties.headers or {})
+    target = None
+    if delay.TARGET_HEADER in headers:
+        target = headers.get(delay.TARGET_HEADER)
+        for name in delay.ROUTING_HEADERS:
+            headers.pop(name, None)
+    props: dict[str, Any] = {}
+    for name in _PROPERTY_NAMES:
+        value = getattr(properties, name, None)
+        if value is not None:
+            props[name] = value
+    message = Message(headers, props, body or b"",
+                      properties.content_type or "application/data",
+                      properties.content_encoding or "binary")
+    return message, target if isinstance(target, str) else None
+
+
+def _channel_close_reason(link: Link) -> str:
+    reason = getattr(link.channel, "_closing_reason", None)
+    text = f"RabbitMQ closed the channel: {describe(reason)}" if reason else "channel closed"
+    if "acknowledgement" in text and "timed out" in text:
+        text += (" (a task ran longer than RabbitMQ's consumer_timeout without being acked; "
+                 "raise consumer_timeout above your longest acks_late task)")
+    return text
+
+
+class _ChannelLost(Exception):
+    """RabbitMQ closed our channel; the connection is rebuilt."""
+
+
+Setup = Callable[[Link], list[str]]
+
+_EXPECTED: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, _ChannelLost, BrokerConnectionError)
+
+
+class AMQPConsumer(Consumer):
+    """Consumes queues of an :class:`AMQPBroker` from a dedicated I/O thread.
+
+    ``setup(link)`` declares what to consume and returns the queue names; it runs again after
+    every reconnection. ``fetch`` is meant for one thread; ``ack``, ``reject``, ``flush`` and
+    ``close`` are thread-safe.
+    """
+
+    def __init__(self, broker: AMQPBroker, setup: Setup, prefetch: int, no_ack: bool,
+                 name: str = "consumer", redeclare: Callable[[Link, str], str] | None = None) -> None:
+        self.broker = broker
+        self.prefetch = max(0, int(prefetch))
+        self.no_ack = no_ack
+        self._setup = setup
+        self._redeclare = redeclare
+        self._out: queue_mod.SimpleQueue[Delivery | None] = queue_mod.SimpleQueue()
+        self._ops: deque[tuple[int, int, str, bool]] = deque()
+        self._wake_lock = threading.Lock()
+        self._wake_pending = False
+        self._gen = 0
+        self._link: Link | None = None
+        self._outstanding: dict[int, None] = {}
+        self._tag_queue: dict[str, str] = {}
+        self._cancelled: list[str] = []
+        self._closing = threading.Event()
+        self._started = threading.Event()
+        self._closed = False
+        self.error: BaseException | None = None
+        self.queues: list[str] = []
+        self._thread = threading.Thread(target=self._run, name=f"celeriac-amqp-{name}", daemon=True)
+        self._thread.start()
+        wait = float(broker.conf.get("broker_connection_timeout") or 4.0) * 2 + 1
+        self._started.wait(wait)
+        if isinstance(self.error, FatalConnectionError):
+            self.close()
+            raise self.error
+
+    # -- worker-facing API --------------------------------------------------------------------
+
+    def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
+        """Return up to ``max_count`` deliveries, waiting up to ``timeout`` s for the first.
+
+        Deliveries of a connection that was lost meanwhile are skipped (they are redelivered).
+        Raises ``BrokerConnectionError`` once reconnecting has been given up.
+        """
+        deadline = time.monotonic() + max(0.0, timeout)
+        if max_count <= 0:
+            self._closing.wait(max(0.0, timeout))
+            return []
+        out: list[Delivery] = []
+        while len(out) < max_count:
+            try:
+                left = deadline - time.monotonic()
+                if out or left <= 0:
+                    item = self._out.get_nowait()
+                else:
+                    item = self._out.get(timeout=left)
+            except queue_mod.Empty:
+                break
+            if item is None:  # wake-up sentinel (closing or fatal error)
+                if self.error is not None and not out:
+                    raise BrokerConnectionError(str(self.error))
+                if self._closed:
+                    break
+                continue
+            if item.tag[0] != self._gen:
+                continue
+            out.append(item)
+        if not out and self.error is not None and not self._closed:
+            raise BrokerConnectionError(str(self.error))
+        return out
+
+    def ack(self, delivery: Delivery) -> None:
+        """Acknowledge ``delivery`` (applied by the I/O thread). Thread-safe; a delivery of a
+        lost connection is ignored."""
+        if not self.no_ack:
+            gen, tag = delivery.tag
+            self._ops.append((gen, tag, "ack", False))
+            self._wake()
+
+    def reject(self, delivery: Delivery, requeue: bool = False) -> None:
+        """Reject ``delivery``; with ``requeue`` RabbitMQ delivers it again. Thread-safe."""
+        if not self.no_ack:
+            gen, tag = delivery.tag
+            self._ops.append((gen, tag, "reject", requeue))
+            self._wake()
+
+    def flush(self) -> None:
+        """Ask the I/O thread to apply queued acks now."""
+        self._wake()
+
+    def close(self) -> None:
+        """Apply queued acks, stop consuming and close the connection; unacked deliveries go
+        back to their queues. Idempotent, thread-safe."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closing.set()
+        self._wake(force=True)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=15)
+        self._out.put(None)
+        self.broker._forget_consumer(self)
+
+    # -- I/O thread ---------------------------------------------------------------------------
+
+    def _wake(self, force: bool = False) -> None:
+        with self._wake_lock:
+            if self._wake_pending and not force:
+                return
+            self._wake_pending = True
+        link = self._link
+        if link is None:
+            return
+        try:
+            link.connection.add_callback_threadsafe(self._apply_ops)
+        except Exception:  # noqa: BLE001 - connection gone: the ops are stale anyway
+            with self._wake_lock:
+                self._wake_pending = False
+
+    def _connect(self) -> Link:
+        link = self.broker._open_link(confirm=False)
+        try:
+            names = self._setup(link)
+            channel = link.channel
+            if self.prefetch and not self.no_ack:
+                channel.basic_qos(prefetch_count=self.prefetch, global_qos=self._global_qos(link))
+            channel.add_on_cancel_callback(self._on_cancel)
+            self._gen += 1
+            self._outstanding.clear()
+            self._tag_queue.clear()
+            for name in names:
+                self._consume(link, name)
+            self.queues = names
+        except BaseException:
+            link.close()
+            raise
+        return link
+
+    def _global_qos(self, link: Link) -> bool:
+        # Celery's choice: one prefetch window for the whole channel (RabbitMQ's global
+        # flag), except with quorum queues, which only support per-consumer limits.
+        quorum = any((q.queue_arguments or {}).get("x-queue-type") == "quorum"
+                     or link.conf.get("task_default_queue_type") == "quorum"
+                     for q in link.declared.values())
+        return not quorum
+
+    def _consume(self, link: Link, name: str) -> None:
+        tag = link.channel.basic_consume(name, self._on_message, auto_ack=self.no_ack)
+        self._tag_queue[tag] = name
+
+    def _on_message(self, _channel: Any, method: Any, properties: pika.BasicProperties,
+                    body: bytes) -> None:
+        queue = self._tag_queue.get(method.consumer_tag, "")
+        message, target = to_message(properties, body)
+        exchange, routing_key = method.exchange, method.routing_key
+        if target is not None:
+            exchange, routing_key = "", target
+        tag = method.delivery_tag
+        if not self.no_ack:
+            self._outstanding[tag] = None
+        self._out.put(Delivery(message, queue, (self._gen, tag), exchange, routing_key,
+                               bool(method.redelivered)))
+
+    def _on_cancel(self, method_frame: Any) -> None:
+        tag = method_frame.method.consumer_tag
+        name = self._tag_queue.pop(tag, None)
+        if name is not None:
+            logger.warning("RabbitMQ cancelled the consumer of queue %r (was it deleted?); "
+                           "declaring it again and resuming.", name)
+            self._cancelled.append(name)
+
+    def _recover_cancelled(self, link: Link) -> None:
+        while self._cancelled:
+            name = self._cancelled.pop()
+            link.declared.pop(name, None)
+            if self._redeclare is not None:
+                name = self._redeclare(link, name)
+                self._consume(link, name)
+            else:
+                raise _ChannelLost(f"consumer of {name!r} cancelled")
+
+    def _apply_ops(self) -> None:
+        with self._wake_lock:
+            self._wake_pending = False
+        link = self._link
+        if link is None:
+            self._ops.clear()
+            return
+        acks: set[int] = set()
+        rejects: list[tuple[int, bool]] = []
+        while self._ops:
+            gen, tag, op, requeue = self._ops.popleft()
+            if gen != self._gen or tag not in self._outstanding:
+                continue  # a delivery of a lost connection, or acked twice: ignore
+            if op == "ack":
+                acks.add(tag)
+            else:
+                rejects.append((tag, requeue))
+        channel = link.channel
+        if acks:
+            last = None
+            run = 0
+            for tag in self._outstanding:
+                if tag not in acks:
+                    break
+                last = tag
+                run += 1
+            if last is not None and run > 1:
+                channel.basic_ack(last, multiple=True)
+                for tag in list(self._outstanding)[:run]:
+                    del self._outstanding[tag]
+                    acks.discard(tag)
+            for tag in sorted(acks):
+                channel.basic_ack(tag)
+                del self._outstanding[tag]
+        for tag, requeue in rejects:
+            if tag in self._outstanding:
+                channel.basic_reject(tag, requeue=requeue)
+                del self._outstanding[tag]
+
+    def _drop_link(self) -> None:
+        link, self._link = self._link, None
+        self._gen += 1  # everything delivered so far is stale now
+        self._outstanding.clear()
+        self._cancelled.clear()
+        with self._wake_lock:
+            self._wake_pending = False
+        if link is not None:
+            link.close()
+
+    def _run(self) -> None:
+        intervals = self.broker.retry_policy.intervals()
+        max_retries = self.broker.retry_policy.max_retries
+        failures = 0
+        try:
+            while not self._closing.is_set():
+                try:
+                    if self._link is None:
+                        self._link = self._connect()
+                        if failures:
+                            logger.info("Reconnected to %s; consuming %s again.",
+                                        self.broker.safe_url, ", ".join(self.queues))
+                        failures = 0
+                        intervals = self.broker.retry_policy.intervals()
+                        self._started.set()
+                    link = self._link
+                    link.connection.process_data_events(time_limit=1.0)
+                    if not link.channel.is_open:
+                        raise _ChannelLost(_channel_close_reason(link))
+                    self._apply_ops()
+                    if self._cancelled:
+                        self._recover_cancelled(link)
+                except FatalConnectionError as exc:
+                    self.error = exc
+                    logger.error("%s", exc)
+                    break
+                except Exception as exc:  # any failure: reconnect, never die
+                    if self._closing.is_set():
+                        break
+                    if not isinstance(exc, _EXPECTED):
+                        logger.exception("Unexpected error in the AMQP consumer of %s; reconnecting.",
+                                         self.broker.safe_url)
+                    self._drop_link()
+                    failures += 1
+                    if max_retries is not None and failures > max_retries:
+                        self.error = BrokerConnectionError(
+                            f"Gave up reconnecting to {self.broker.safe_url} after "
+                            f"{failures - 1} retries: {describe(exc)}")
+                        logger.error("%s", self.error)
+                        break
+                    wait = next(intervals)
+                    if isinstance(exc, _ChannelLost):
+                        logger.warning("%s (%s); reopening in %.1f s.", exc,
+                                       self.broker.safe_url, wait)
+                    else:
+                        logger.warning("Connection to %s lost (%s); reconnecting in %.1f s.",
+                                       self.broker.safe_url, describe(exc), wait)
+                    self._started.set()
+                    self._closing.wait(wait)
+        except BaseException as exc:
+            self.error = exc
+            logger.exception("AMQP consumer thread failed")
+        finally:
+            self._started.set()
+            if self._link is not None:
+                with contextlib.suppress(Exception):
+                    self._apply_ops()
+            self._drop_link()
+            self._out.put(None)
+
+
+def task_setup(broker: AMQPBroker, queues: Sequence[Queue]) -> tuple[Setup, Callable[[Link, str], str]]:
+    """Setup callables for consuming declared task or reply queues."""
+    by_name = {q.name: q for q in queues}
+
+    def setup(link: Link) -> list[str]:
+        return [link.declare_queue(q) for q in by_name.values()]
+
+    def redeclare(link: Link, name: str) -> str:
+        return link.declare_queue(by_name[name])
+
+    return setup, redeclare
+
+
+class AMQPSubscription(Subscription):
+    """Receives broadcasts of one exchange through an exclusive, auto-deleted queue."""
+
+    def __init__(self, broker: AMQPBroker, exchange: str, pattern: str) -> None:
+        kind, durable = exchange_kind(exchange, broker.conf)
+        key = pattern if kind != "fanout" else ""
+
+        def setup(link: Link) -> list[str]:
+            link.declare_exchange(exchange, kind, durable)
+            result = link.channel.queue_declare("", exclusive=True, auto_delete=True)
+            name = result.method.queue
+            link.channel.queue_bind(name, exchange, routing_key=key)
+            return [name]
+
+        self.exchange = exchange
+        self._consumer = AMQPConsumer(broker, setup, 0, True, name=f"sub-{exchange}")
+
+    def fetch(self, timeout: float) -> list[Message]:
+        """Return the broadcasts received so far, waiting up to ``timeout`` s for the first."""
+        return [d.message for d in self._consumer.fetch(10_000, timeout)]
+
+    def close(self) -> None:
+        """Stop receiving (the queue is deleted by RabbitMQ). Idempotent."""
+        self._consumer.close()
+
+

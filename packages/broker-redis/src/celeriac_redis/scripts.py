@@ -1,0 +1,191 @@
+"""Lua scripts: each one is a single atomic step on the server.
+
+FETCH    pops up to N envelopes across the given lists (in order) and records each one in the
+         unacked hash and index in the same step, so a consumer that dies right after a fetch
+         loses nothing (kombu records after the pop, leaving a window).
+RESTORE  moves unacked entries back to their queues: either every entry whose index score is
+         at or below a ceiling (the visibility-timeout sweep, which also delivers parked delayed
+         messages, see ``broker.py``) or the given tags (reject with requeue, consumer close).
+         Entries are re-routed like kombu does (exchange ``''`` or the exchange's binding set,
+         priority bucket from the envelope), with ``headers.redelivered = true`` except for
+         parked messages. Corrupt entries go to the dead-letter list.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FETCH", "RESTORE"]
+
+FETCH = r"""
+-- KEYS[1]=unacked KEYS[2]=unacked_index KEYS[3]=dead letter list, KEYS[4..]=queue lists
+-- ARGV[1]=max count ARGV[2]=now ARGV[3]=record (1) or not (0)
+-- Returns a flat list of (list index from 1, envelope); index 0 = moved to the dead letters.
+local n = tonumber(ARGV[1])
+local record = ARGV[3] == '1'
+local out = {}
+for i = 4, #KEYS do
+  if n <= 0 then break end
+  local items = redis.call('RPOP', KEYS[i], n)
+  if items then
+    for _, env in ipairs(items) do
+      local ok = false
+      if record then
+        local tag = string.match(env, '"delivery_tag": "([^"]+)"')
+        local ex, rk = string.match(env, '"delivery_info": {"exchange": ("[^"]*"), "routing_key": ("[^"]*")')
+        if tag and not ex then
+          local dok, t = pcall(cjson.decode, env)
+          if dok and type(t) == 'table' and type(t.properties) == 'table'
+             and type(t.properties.delivery_info) == 'table' then
+            local info = t.properties.delivery_info
+            ex = cjson.encode(tostring(info.exchange or ''))
+            rk = cjson.encode(tostring(info.routing_key or ''))
+          end
+        end
+        if tag and ex then
+          redis.call('HSET', KEYS[1], tag, '[' .. env .. ', ' .. ex .. ', ' .. rk .. ']')
+          redis.call('ZADD', KEYS[2], ARGV[2], tag)
+          ok = true
+        end
+      else
+        ok = true
+      end
+      if ok then
+        out[#out + 1] = i - 3
+        out[#out + 1] = env
+        n = n - 1
+      else
+        redis.call('LPUSH', KEYS[3], env)
+        out[#out + 1] = 0
+        out[#out + 1] = env
+      end
+    end
+  end
+end
+return out
+"""
+
+RESTORE = r"""
+-- KEYS[1]=unacked KEYS[2]=unacked_index KEYS[3]=dead letter list
+-- ARGV[1]=mode 'sweep'|'tags' ARGV[2]=ceiling score (sweep) ARGV[3]=limit (sweep)
+-- ARGV[4]=key prefix ARGV[5]=sep ARGV[6]=priority steps csv ARGV[7]='front'|'back'
+-- ARGV[8..]=tags (mode 'tags')
+local prefix, sep = ARGV[4], ARGV[5]
+local steps = {}
+for s in string.gmatch(ARGV[6], '[^,]+') do steps[#steps + 1] = tonumber(s) end
+local front = ARGV[7] == 'front'
+
+local function first_object(s)
+  local start = string.find(s, '{', 1, true)
+  if not start then return nil end
+  local depth, pos = 0, start
+  while true do
+    local p = string.find(s, '[{}"]', pos)
+    if not p then return nil end
+    local c = string.sub(s, p, p)
+    if c == '"' then
+      local q = p + 1
+      while true do
+        local r = string.find(s, '["\\]', q)
+        if not r then return nil end
+        if string.sub(s, r, r) == '\\' then q = r + 2 else pos = r + 1; break end
+      end
+    elseif c == '{' then
+      depth = depth + 1; pos = p + 1
+    else
+      depth = depth - 1; pos = p + 1
+      if depth == 0 then return string.sub(s, start, p) end
+    end
+  end
+end
+
+local function mark_redelivered(env)
+  local s, e = string.find(env, '"headers": {', 1, true)
+  if not s then return env end
+  local ins = '"redelivered": true'
+  if string.sub(env, e + 1, e + 1) ~= '}' then ins = ins .. ', ' end
+  return string.sub(env, 1, e) .. ins .. string.sub(env, e + 1)
+end
+
+local function topic_match(key, rk)
+  -- kombu's topic semantics: '*' = one word ([^.]+), '#' = anything (.-), words joined by '.'
+  local parts = {}
+  for w in string.gmatch(key .. '.', '([^.]*)%.') do
+    if w == '#' then parts[#parts + 1] = '.-'
+    elseif w == '*' then parts[#parts + 1] = '[^.]+'
+    else parts[#parts + 1] = (string.gsub(w, '[%^%$%(%)%%%.%[%]%*%+%-%?]', '%%%0')) end
+  end
+  return string.find(rk, '^' .. table.concat(parts, '%.') .. '$') ~= nil
+end
+
+local function lookup(exchange, rk)
+  if exchange == '' then return {rk} end
+  local found = {}
+  local members = redis.call('SMEMBERS', prefix .. '_kombu.binding.' .. exchange)
+  for _, m in ipairs(members) do
+    local a = string.find(m, sep, 1, true)
+    if a then
+      local b = string.find(m, sep, a + #sep, true)
+      if b then
+        local key = string.sub(m, 1, a - 1)
+        local pattern = string.sub(m, a + #sep, b - 1)
+        local queue = string.sub(m, b + #sep)
+        if pattern == '' then
+          if key == rk or key == '' then found[#found + 1] = queue end
+        elseif topic_match(key, rk) then
+          found[#found + 1] = queue
+        end
+      end
+    end
+  end
+  return found
+end
+
+local function bucket(pri)
+  local v = tonumber(pri) or 0
+  if v < 0 then v = 0 end
+  if v > 9 then v = 9 end
+  local chosen = 0
+  for _, s in ipairs(steps) do if s <= v then chosen = s end end
+  return chosen
+end
+
+local tags
+if ARGV[1] == 'sweep' then
+  tags = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+else
+  tags = {}
+  for i = 8, #ARGV do tags[#tags + 1] = ARGV[i] end
+end
+local moved = 0
+for _, tag in ipairs(tags) do
+  local raw = redis.call('HGET', KEYS[1], tag)
+  redis.call('ZREM', KEYS[2], tag)
+  redis.call('HDEL', KEYS[1], tag)
+  if raw then
+    local ok, t = pcall(cjson.decode, raw)
+    local env = nil
+    if ok and type(t) == 'table' and type(t[1]) == 'table' then env = first_object(raw) end
+    if env then
+      local props = t[1].properties
+      if type(props) ~= 'table' then props = {} end
+      local headers = t[1].headers
+      local parked = props['celeriac_not_before'] ~= nil
+      if not parked and type(headers) == 'table' and headers.redelivered == nil then
+        env = mark_redelivered(env)
+      end
+      local b = bucket(props.priority)
+      local queues = lookup(tostring(t[2] or ''), tostring(t[3] or ''))
+      if #queues == 0 then redis.call('LPUSH', KEYS[3], env) end
+      for _, q in ipairs(queues) do
+        local key = prefix .. q
+        if b > 0 then key = key .. sep .. b end
+        if front then redis.call('RPUSH', key, env) else redis.call('LPUSH', key, env) end
+      end
+      moved = moved + 1
+    else
+      redis.call('LPUSH', KEYS[3], raw)
+    end
+  end
+end
+local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+return {moved, nxt[2] or false}
+"""
