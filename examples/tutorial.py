@@ -160,7 +160,7 @@ def run_tutorial() -> None:
     registered = inspect.registered() or {}
     show("'proj.tasks.add' in app.control.inspect().registered()",
          any("proj.tasks.add" in names for names in registered.values()), True)
-    later = add.apply_async((1, 1), countdown=30)
+    later = add.apply_async((1, 1), countdown=3)
     time.sleep(0.5)
     app.control.revoke(later.id)
     from celeriac.exceptions import TaskRevokedError

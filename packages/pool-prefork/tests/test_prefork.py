@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from celeriac import Celeriac, chain, chord, group
 from celeriac.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 from celeriac.testing.plugin import start_worker

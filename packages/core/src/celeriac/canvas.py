@@ -553,6 +553,7 @@ class chord(Signature):
         gid = str(uuid.uuid4())
         body.options["task_id"] = body_id
         body.options.setdefault("group_id", gid)
+        body.options.setdefault("reply_to", self.app.thread_oid)
         chain_rest = options.pop("chain", None)
         if chain_rest:
             body.options["chain"] = list(body.options.get("chain") or []) + list(chain_rest)

@@ -29,13 +29,13 @@ class Request:
 
     __slots__ = (
         "acked",
-        "outcome",
         "delivery",
         "eta",
         "expires",
         "handle",
         "hostname",
         "message",
+        "outcome",
         "soft_time_limit",
         "started_at",
         "task",
