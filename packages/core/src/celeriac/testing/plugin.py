@@ -12,6 +12,7 @@ for it in a background thread and stops it after the test::
 
 Tasks may be defined after the worker started: the worker looks them up per message.
 ``--celeriac-broker URL`` / ``--celeriac-backend URL`` make the fixtures use real servers.
+``spawn_worker`` starts workers through the real command line (:mod:`celeriac.testing.process`).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from typing import Any
 import pytest
 
 from celeriac.app import Celeriac
+from celeriac.testing.process import spawn_worker
 from celeriac.worker.worker import Worker
 
-__all__ = ["celeriac_app", "celeriac_config", "celeriac_worker", "start_worker"]
+__all__ = ["celeriac_app", "celeriac_config", "celeriac_worker", "spawn_worker", "start_worker"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
