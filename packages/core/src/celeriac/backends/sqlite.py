@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 from celeriac import states
 from celeriac.backends.base import CHORDS, GROUPS, PERSISTENT, ChordEntry, ResultBackend
-from celeriac.broker.sqlite import connect, retry_busy, sqlite_path, write_lock
 from celeriac.exceptions import TimeoutError
+from celeriac.sqlite_db import connect, retry_busy, sqlite_path, write_lock
 
 __all__ = ["SQLiteBackend"]
 
