@@ -233,11 +233,12 @@ def test_celeriac_client_to_celery_worker(project: Project) -> None:
 @pytest.mark.parametrize("project", [3.0], indirect=True)
 def test_kill_9_of_a_worker_loses_no_task(project: Project) -> None:
     total = 10_000
-    first = project.celeriac_worker("a", concurrency=8)
-    project.celeriac_worker("b", concurrency=8)
     mod = project.module(project.celeriac_mod)
+    # Queue everything first, so both workers are busy with a backlog when one is killed.
     for i in range(total):
         mod.mark.delay(i)
+    first = project.celeriac_worker("a", concurrency=8)
+    project.celeriac_worker("b", concurrency=8)
     wait_for(lambda: project.marks() >= total // 5, 60, "the workers to get going")
     assert first.poll() is None
     os.killpg(first.pid, signal.SIGKILL)
