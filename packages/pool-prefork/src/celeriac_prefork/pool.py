@@ -31,12 +31,14 @@ _STOP = object()
 class _Job:
     """One submitted call; also the handle the worker uses for time limits."""
 
-    __slots__ = ("args", "callback", "done", "killed", "pid", "target")
+    __slots__ = ("args", "callback", "done", "killed", "on_start", "pid", "target")
 
-    def __init__(self, target: Callable[..., Any], args: tuple[Any, ...], callback: Callback) -> None:
+    def __init__(self, target: Callable[..., Any], args: tuple[Any, ...], callback: Callback,
+                 on_start: Callable[[], None] | None) -> None:
         self.target = target
         self.args = args
         self.callback = callback
+        self.on_start = on_start
         self.pid: int | None = None
         self.done = False
         self.killed: str | None = None
@@ -151,6 +153,11 @@ class _Slot:
             job.done = True
             self.retire(wait=False)
             return "lost"
+        if job.on_start is not None:
+            try:
+                job.on_start()
+            except Exception:
+                logger.exception("on_start callback failed")
         while True:
             try:
                 if conn.poll(0.2):
@@ -198,8 +205,9 @@ class PreforkPool(Pool):
         for slot in self._slots:
             slot.thread.start()
 
-    def apply_async(self, target: Callable[..., Any], args: tuple[Any, ...], callback: Callback) -> Any:
-        job = _Job(target, args, callback)
+    def apply_async(self, target: Callable[..., Any], args: tuple[Any, ...], callback: Callback,
+                    on_start: Callable[[], None] | None = None) -> Any:
+        job = _Job(target, args, callback, on_start)
         self._jobs.put(job)
         return job
 

@@ -222,8 +222,11 @@ class TaskConsumer:
         with self._lock:
             self.active[request.id] = request
         if self.pool.process_based:
+            # Early ack when a process takes the task (as Celery does); acks_late waits for the end.
+            on_start = None if request.acks_late else (lambda: self.tracer.ack(request))
             request.handle = self.pool.apply_async(
-                run_payload, (request.to_payload(),), lambda outcome: self._on_process_done(request, outcome))
+                run_payload, (request.to_payload(),), lambda outcome: self._on_process_done(request, outcome),
+                on_start=on_start)
         else:
             request.handle = self.pool.apply_async(self._execute, (request,), self._on_done)
         if self.pool.soft_time_limits:

@@ -58,8 +58,13 @@ class Pool(abc.ABC):
         """Start worker threads or processes."""
 
     @abc.abstractmethod
-    def apply_async(self, target: Callable[..., Any], args: tuple[Any, ...], callback: Callback) -> Any:
-        """Run ``target(*args)`` and then ``callback(result)``; return a job handle."""
+    def apply_async(self, target: Callable[..., Any], args: tuple[Any, ...], callback: Callback,
+                    on_start: Callable[[], None] | None = None) -> Any:
+        """Run ``target(*args)`` and then ``callback(result)``; return a job handle.
+
+        Process pools call ``on_start()`` in the parent when a process takes the job (the worker
+        acks early there); in-process pools ignore it (the task acks itself when it starts).
+        """
 
     def raise_soft_timeout(self, handle: Any, exc_type: type[BaseException]) -> bool:
         """Raise ``exc_type`` inside the running job ``handle``; False when not possible."""
@@ -77,7 +82,8 @@ class SoloPool(Pool):
     def __init__(self, concurrency: int = 1, app: Any = None, **options: Any) -> None:
         super().__init__(1, app, **options)
 
-    def apply_async(self, target: Callable[..., Any], args: tuple[Any, ...], callback: Callback) -> Any:
+    def apply_async(self, target: Callable[..., Any], args: tuple[Any, ...], callback: Callback,
+                    on_start: Callable[[], None] | None = None) -> Any:
         callback(target(*args))
         return None
 
@@ -127,7 +133,8 @@ class ThreadPool(Pool):
                 handle.done = True
             callback(result)
 
-    def apply_async(self, target: Callable[..., Any], args: tuple[Any, ...], callback: Callback) -> Any:
+    def apply_async(self, target: Callable[..., Any], args: tuple[Any, ...], callback: Callback,
+                    on_start: Callable[[], None] | None = None) -> Any:
         if not self._threads:
             self.start()
         handle = _JobHandle()
