@@ -152,3 +152,35 @@ def test_prefork_is_the_default_pool_once_installed() -> None:
     from celeriac.worker.worker import default_pool_name
 
     assert default_pool_name() == "prefork"
+
+
+def test_children_exit_when_the_worker_is_killed(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    (tmp_path / "killproj.py").write_text(textwrap.dedent(f"""
+        from celeriac import Celeriac
+        app = Celeriac("killproj", broker="sqlite:///{tmp_path}/b.db")
+    """))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "celeriac", "-A", "killproj", "worker", "-l", "info",
+                             "-P", "prefork", "-c", "3"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if " ready." in line:
+            break
+    children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                               text=True).stdout.split()]
+    assert len(children) == 3
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    deadline = time.monotonic() + 10
+    alive = children
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
+                 and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
+    assert alive == []

@@ -52,9 +52,20 @@ def _on_sigusr1(signum: int, frame: Any) -> None:
         raise SoftTimeLimitExceeded("The task's soft time limit was exceeded.")
 
 
-def _child_main(conn: Connection, initializer: tuple[Callable[..., Any], tuple[Any, ...]] | None) -> None:
-    """The loop of a pool process: receive ``(target, args)``, send back ``target(*args)``."""
+def _child_main(conn: Connection, initializer: tuple[Callable[..., Any], tuple[Any, ...]] | None,
+                inherited: list[Connection]) -> None:
+    """The loop of a pool process: receive ``(target, args)``, send back ``target(*args)``.
+
+    The child closes the parent's ends of every pool pipe it inherited, and exits when its
+    parent is gone, so a killed worker never leaves children behind.
+    """
     global _busy
+    for other in inherited:
+        try:
+            other.close()
+        except OSError:
+            pass
+    parent = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if hasattr(signal, "SIGQUIT"):
@@ -67,6 +78,9 @@ def _child_main(conn: Connection, initializer: tuple[Callable[..., Any], tuple[A
         fn(*args)
     while True:
         try:
+            while not conn.poll(1.0):
+                if os.getppid() != parent:
+                    return
             item = conn.recv()
         except (EOFError, OSError, SoftTimeLimitExceeded):
             return
@@ -103,7 +117,8 @@ class _Slot:
     def spawn(self) -> None:
         parent_end, child_end = multiprocessing.Pipe()
         context = multiprocessing.get_context("fork")
-        process = context.Process(target=_child_main, args=(child_end, self.pool._initializer),
+        inherited = [parent_end] + [s.conn for s in self.pool._slots if s.conn is not None and s is not self]
+        process = context.Process(target=_child_main, args=(child_end, self.pool._initializer, inherited),
                                   name=f"ForkPoolWorker-{self.index}", daemon=True)
         process.start()
         child_end.close()
