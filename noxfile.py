@@ -58,5 +58,6 @@ def typecheck(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks against Celery on the same brokers (see bench/README.md)."""
     _install_all(session)
-    session.install("celery==5.6.2", "redis>=5", "pika>=1.3")
+    # kombu 5.7 imports packaging for Redis without declaring it: celery[redis] brings it.
+    session.install("celery[redis]==5.6.2", "packaging", "redis>=5", "pika>=1.3")
     session.run("python", str(ROOT / "bench" / "run.py"), *session.posargs)

@@ -29,6 +29,8 @@ logger = logging.getLogger("celeriac.worker")
 
 Handler = Callable[..., Any]
 HANDLERS: dict[str, Handler] = {}
+#: Commands Celery workers send to each other (mingle, gossip elections) that need no answer.
+IGNORED = frozenset({"hello", "election"})
 
 
 def handler(name: str, *aliases: str) -> Callable[[Handler], Handler]:
@@ -276,6 +278,8 @@ class Pidbox:
         if not isinstance(body, dict) or not self._selected(body):
             return
         method = str(body.get("method"))
+        if method in IGNORED:
+            return
         fn = HANDLERS.get(method)
         if fn is None:
             logger.error("No such control command: %s", method)

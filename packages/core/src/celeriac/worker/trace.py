@@ -112,13 +112,6 @@ class Tracer:
         if not request.acks_late:
             self.ack(request)
         message = request.message
-        try:
-            task.check_arguments(message.args, message.kwargs)
-        except TypeError as exc:
-            logger.error("Task %s[%s] rejected: %s", request.name, request.id, exc)
-            self._on_failure(request, exc, f"TypeError: {exc}\n")
-            self.ack(request)
-            return
         if task.track_started and self._keeps_result(request):
             self.store(request, states.STARTED, {"pid": _pid(), "hostname": self.hostname})
         context = request.context()

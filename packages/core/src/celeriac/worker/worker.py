@@ -34,13 +34,35 @@ logger = logging.getLogger("celeriac.worker")
 LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
 
 
+class WorkerFormatter(logging.Formatter):
+    """The worker's format, with the time string computed once per second (a hot path)."""
+
+    def __init__(self) -> None:
+        super().__init__(LOG_FORMAT)
+        self._second = -1
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self._stamp},{int(record.msecs):03d}"
+
+
 def setup_logging(loglevel: str | int = "INFO", logfile: str | None = None) -> None:
-    """Configure the root logger with the worker's format."""
+    """Configure the root logger with the worker's format.
+
+    Caller lookup (file/line of each log call) is turned off: the format does not show it and
+    it is the most expensive part of a log record.
+    """
     level = loglevel if isinstance(loglevel, int) else logging.getLevelName(str(loglevel).upper())
     if not isinstance(level, int):
         raise ValueError(f"Unknown log level {loglevel!r}: use DEBUG, INFO, WARNING, ERROR or CRITICAL.")
     handler: logging.Handler = logging.FileHandler(logfile) if logfile else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(WorkerFormatter())
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
