@@ -20,7 +20,7 @@ import re
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from celeriac.broker.base import Consumer, Delivery
 from celeriac.exceptions import BrokerConnectionError
@@ -145,24 +145,39 @@ class RedisConsumer(Consumer):
         key, popped_raw = popped
         raw = popped_raw if isinstance(popped_raw, bytes) else str(popped_raw).encode("utf-8")
         name = owners[keys.index(key.decode() if isinstance(key, bytes) else key)]
-        if not self.no_ack:
-            try:
-                self._record(raw)
-            except TRANSIENT_ERRORS as exc:  # deliver it anyway: it is only in our memory now
-                self._can_park = False  # not in unacked, so it cannot be parked there
-                logger.warning("Could not record a fetched message as unacked (%s); it will not "
-                               "be redelivered if this worker dies before acking it.", exc)
         items = [(name, raw)]
+        # One round trip: record the popped message as unacked and fetch more behind it.
+        pipe = self.broker.client.pipeline(transaction=True)
+        recording = not self.no_ack and self._record(raw, pipe)
         if limit > 1:
-            items.extend(self._run_fetch(keys, owners, limit - 1))
+            self._run_fetch(keys, owners, limit - 1, client=pipe)
+        if not recording and limit <= 1:
+            return items
+        try:
+            results = pipe.execute()
+        except TRANSIENT_ERRORS as exc:  # deliver it anyway: it is only in our memory now
+            self._can_park = False  # not in unacked, so it cannot be parked there
+            logger.warning("Could not record a fetched message as unacked (%s); it will not "
+                           "be redelivered if this worker dies before acking it.", exc)
+            return items
+        if limit > 1:
+            items.extend(self._parse_fetch(results[-1], owners))
         return items
 
-    def _run_fetch(self, keys: list[str], owners: list[str], limit: int) -> list[tuple[str, bytes]]:
+    def _run_fetch(self, keys: list[str], owners: list[str], limit: int,
+                   client: Any = None) -> list[tuple[str, bytes]]:
         lay = self.layout
         flat = self.broker.script("FETCH")(
             keys=[lay.key(lay.unacked), lay.key(lay.unacked_index), lay.key(lay.dead_letter), *keys],
             args=[limit, repr(time.time()), "0" if self.no_ack else "1"],
+            client=client,
         )
+        if client is not None:  # queued on a pipeline: parsed after it runs
+            return []
+        return self._parse_fetch(flat, owners)
+
+    def _parse_fetch(self, flat: Any, owners: list[str]) -> list[tuple[str, bytes]]:
+        lay = self.layout
         items: list[tuple[str, bytes]] = []
         for i in range(0, len(flat), 2):
             index, raw = int(flat[i]), flat[i + 1]
@@ -173,19 +188,19 @@ class RedisConsumer(Consumer):
             items.append((owners[index - 1], raw))
         return items
 
-    def _record(self, raw: bytes) -> None:
+    def _record(self, raw: bytes, pipe: Any) -> bool:
+        """Queue the unacked bookkeeping of a BRPOP-ed message on ``pipe``; False if none."""
         try:
             _, exchange, routing_key, tag, _ = decode_envelope(raw)
         except CorruptEnvelope:
-            return  # handled (dead-lettered) by _deliveries
+            return False  # handled (dead-lettered) by _deliveries
         if not tag:
-            return
+            return False
         lay = self.layout
         entry = b"[" + raw + b", " + json_dumps(exchange) + b", " + json_dumps(routing_key) + b"]"
-        pipe = self.broker.client.pipeline(transaction=True)
         pipe.zadd(lay.key(lay.unacked_index), {tag: time.time()})
         pipe.hset(lay.key(lay.unacked), tag, entry)
-        pipe.execute()
+        return True
 
     def _deliveries(self, items: list[tuple[str, bytes]]) -> list[Delivery]:
         out: list[Delivery] = []
