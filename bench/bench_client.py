@@ -1,0 +1,112 @@
+"""The client side of a workload, run in its own process: ``python bench_client.py SYSTEM ACTION N``.
+
+It imports the generated ``benchapp`` (``PYTHONPATH`` points at the system's app directory), does
+one action and prints one JSON object on stdout:
+
+``purge``      declare the benchmark queue and empty it: ``{"purged": count}``
+``enqueue N``  publish N ``noop`` tasks one by one: ``{"seconds": s, "rate": tasks/s}``
+``roundtrip N`` N sequential ``add.delay(2, 2).get()`` after 20 untimed warm-up calls:
+               ``{"p50": ms, "p90": ms, "p99": ms, "mean": ms}``
+``chord N``    ``chord(add.s(i, i) for i in range(N))(xsum.s()).get()``: ``{"seconds": s}``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+TIMEOUT = float(os.environ.get("BENCH_GET_TIMEOUT", "60"))
+
+
+def purge(system: str) -> int:
+    """Declare the default queue and purge it with the system's own client."""
+    import benchapp
+
+    app = benchapp.app
+    name = app.conf.task_default_queue
+    if system == "celery":
+        with app.connection_for_write() as conn:
+            bound = app.amqp.queues[name](conn.default_channel)
+            bound.declare()
+            return int(bound.purge() or 0)
+    broker = app.broker
+    broker.declare(app.router.queue(name))
+    return int(broker.purge(name) or 0)
+
+
+def enqueue(n: int) -> dict[str, float]:
+    """Publish ``n`` no-op tasks; the first one (connection setup) is not timed."""
+    import benchapp
+
+    noop = benchapp.noop
+    noop.delay()
+    start = time.perf_counter()
+    for _ in range(n - 1):
+        noop.delay()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "rate": (n - 1) / seconds}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of sorted ``values``, nearest rank."""
+    index = min(len(values) - 1, max(0, round(q * len(values) + 0.5) - 1))
+    return values[index]
+
+
+def roundtrip(n: int) -> dict[str, float]:
+    """Sequential ``add.delay(2, 2).get()`` latencies in ms."""
+    import benchapp
+
+    add = benchapp.add
+    for _ in range(20):
+        assert add.delay(2, 2).get(timeout=TIMEOUT) == 4
+    samples = []
+    clock = time.perf_counter
+    for _ in range(n):
+        start = clock()
+        value = add.delay(2, 2).get(timeout=TIMEOUT)
+        samples.append((clock() - start) * 1000.0)
+        if value != 4:
+            raise AssertionError(f"add(2, 2) returned {value!r}")
+    samples.sort()
+    return {"p50": percentile(samples, 0.5), "p90": percentile(samples, 0.9),
+            "p99": percentile(samples, 0.99), "mean": sum(samples) / len(samples)}
+
+
+def chord(n: int) -> dict[str, float]:
+    """Time from building a chord of ``n`` ``add`` into ``xsum`` to its result."""
+    import benchapp
+
+    start = time.perf_counter()
+    result = benchapp.chord(benchapp.add.s(i, i) for i in range(n))(benchapp.xsum.s())
+    value = result.get(timeout=TIMEOUT)
+    seconds = time.perf_counter() - start
+    if value != n * (n - 1):
+        raise AssertionError(f"chord returned {value!r}, expected {n * (n - 1)}")
+    return {"seconds": seconds}
+
+
+def main(argv: list[str]) -> int:
+    """Run one action and print its JSON result."""
+    system, action = argv[0], argv[1]
+    n = int(argv[2]) if len(argv) > 2 else 0
+    out: Any
+    if action == "purge":
+        out = {"purged": purge(system)}
+    elif action == "enqueue":
+        out = enqueue(n)
+    elif action == "roundtrip":
+        out = roundtrip(n)
+    elif action == "chord":
+        out = chord(n)
+    else:
+        raise SystemExit(f"unknown action {action!r}")
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
