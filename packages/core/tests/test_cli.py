@@ -224,7 +224,8 @@ def test_unreachable_broker_is_one_line_and_retried(project: Any) -> None:
     assert "Trying again in" in errors[0]
 
 
-@pytest.mark.parametrize("command", ["worker", "call", "result", "purge", "plugins"])
+@pytest.mark.parametrize("command", ["worker", "call", "result", "purge", "plugins", "inspect", "control",
+                                     "status", "events", "multi"])
 def test_every_command_has_help(command: str) -> None:
     result = CliRunner().invoke(cli, [command, "--help"])
     assert result.exit_code == 0

@@ -83,30 +83,27 @@ def _remote(ctx: CLIContext, command: str, args: tuple[str, ...], timeout: float
     _print_replies(replies, as_json)
 
 
-@click.command()
-@click.argument("method", type=click.Choice(INSPECT_COMMANDS))
-@click.argument("args", nargs=-1)
-@click.option("-t", "--timeout", type=float, default=1.0, show_default=True, help="Seconds to wait for replies.")
-@click.option("-d", "--destination", help="Comma-separated node names (default: all).")
-@click.option("-j", "--json", "as_json", is_flag=True, help="Print JSON.")
-@pass_ctx
-def inspect(ctx: CLIContext, method: str, args: tuple[str, ...], timeout: float, destination: str | None,
-            as_json: bool) -> None:
-    """Ask the workers about their state (ping, active, reserved, scheduled, stats, ...)."""
-    _remote(ctx, method, args, timeout, destination, as_json)
+def _remote_command(name: str, methods: list[str], doc: str) -> click.Command:
+    """``inspect`` and ``control``: the same options, different method lists."""
+    @click.command(name=name, help=doc)
+    @click.argument("method", type=click.Choice(methods))
+    @click.argument("args", nargs=-1)
+    @click.option("-t", "--timeout", type=float, default=1.0, show_default=True,
+                  help="Seconds to wait for replies.")
+    @click.option("-d", "--destination", help="Comma-separated node names (default: all).")
+    @click.option("-j", "--json", "as_json", is_flag=True, help="Print JSON.")
+    @pass_ctx
+    def command(ctx: CLIContext, method: str, args: tuple[str, ...], timeout: float,
+                destination: str | None, as_json: bool) -> None:
+        _remote(ctx, method, args, timeout, destination, as_json)
+
+    return command
 
 
-@click.command()
-@click.argument("method", type=click.Choice(CONTROL_COMMANDS))
-@click.argument("args", nargs=-1)
-@click.option("-t", "--timeout", type=float, default=1.0, show_default=True, help="Seconds to wait for replies.")
-@click.option("-d", "--destination", help="Comma-separated node names (default: all).")
-@click.option("-j", "--json", "as_json", is_flag=True, help="Print JSON.")
-@pass_ctx
-def control(ctx: CLIContext, method: str, args: tuple[str, ...], timeout: float, destination: str | None,
-            as_json: bool) -> None:
-    """Change the workers' behaviour (revoke, rate_limit, time_limit, shutdown, events)."""
-    _remote(ctx, method, args, timeout, destination, as_json)
+inspect = _remote_command(
+    "inspect", INSPECT_COMMANDS, "Ask the workers about their state (ping, active, reserved, scheduled, stats, ...).")
+control = _remote_command(
+    "control", CONTROL_COMMANDS, "Change the workers' behaviour (revoke, rate_limit, time_limit, shutdown, events).")
 
 
 @click.command()
