@@ -42,21 +42,6 @@ def _run_client(code: str, cwd: Path, env: dict[str, str], timeout: float = 120)
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def _freeze_sets_reply_to() -> bool:
-    """Celery's freeze() puts the caller's reply_to in chain/chord step options; rpc:// needs it
-    to route later steps' results back to the client."""
-    from celeriac import Celeriac
-
-    app = Celeriac("probe", broker="memory://probe")
-
-    @app.task
-    def probe() -> None: ...
-
-    sig = probe.s()
-    sig.freeze()
-    return "reply_to" in sig.options
-
-
 def _delete_queue(url: str, name: str) -> None:
     broker = AMQPBroker(url, {})
     broker.delete_queue(name)
@@ -84,29 +69,24 @@ def test_seed_tutorial_over_rabbitmq_and_rpc(amqp_url: str, seed_project: tuple[
                            "-P", "threads"], cwd, env)
     worker.wait_ready()  # type: ignore[attr-defined]
     assert "amqp://guest@localhost:5672//" in worker.log()  # type: ignore[attr-defined]
-    canvas = _freeze_sets_reply_to()
-    got = _seed_client(cwd, env, canvas)
+    got = _seed_client(cwd, env)
     assert got["add"] == 8 and got["ready"] is True
     assert got["mul"] == 21 and got["xsum"] == 6
     assert got["group"] == [i + i for i in range(10)]
     assert got["countdown"] == 2 and got["waited"] >= 1.0
     assert got["flaky"] == "succeeded after 2 retries"
     assert got["slow"] == 3 and "STARTED" in got["slow_states"]
-    if canvas:
-        assert got["chain"] == 64
-        assert got["chord"] == 90
-    else:
-        pytest.xfail("canvas freeze() does not set reply_to yet: chain/chord results of later "
-                     "steps cannot reach an rpc:// client")
+    assert got["chain"] == 64
+    assert got["chord"] == 90
 
 
-def _seed_client(cwd: Path, env: dict[str, str], canvas: bool) -> dict:
+def _seed_client(cwd: Path, env: dict[str, str]) -> dict:
     """The tutorial's calls, from a separate client process."""
-    return _run_client(f"""
+    return _run_client("""
         import json, time
         from celeriac import chain, chord, group
         from proj.tasks import add, mul, xsum, slow_add, flaky
-        out = {{}}
+        out = {}
         res = add.delay(4, 4)
         out["add"] = res.get(timeout=20)
         out["ready"] = res.ready()
@@ -124,9 +104,8 @@ def _seed_client(cwd: Path, env: dict[str, str], canvas: bool) -> dict:
             time.sleep(0.05)
         out["slow_states"] = sorted(states)
         out["slow"] = slow.get(timeout=20)
-        if {canvas!r}:
-            out["chain"] = chain(add.s(4, 4), mul.s(8))().get(timeout=20)
-            out["chord"] = chord((add.s(i, i) for i in range(10)), xsum.s())().get(timeout=20)
+        out["chain"] = chain(add.s(4, 4), mul.s(8))().get(timeout=20)
+        out["chord"] = chord((add.s(i, i) for i in range(10)), xsum.s())().get(timeout=20)
         print(json.dumps(out))
     """, cwd, env)
 
