@@ -59,11 +59,11 @@ def cli(ctx: click.Context, app_spec: str | None, broker: str | None, result_bac
 
 
 def _register_commands() -> None:
-    from celeriac.cli import commands, multi, remote, worker
+    from celeriac.cli import commands, events, multi, remote, worker
 
     cli.add_command(worker.worker)
     cli.add_command(multi.multi)
-    for command in (*commands.COMMANDS, remote.inspect, remote.control, remote.status, remote.events):
+    for command in (*commands.COMMANDS, remote.inspect, remote.control, remote.status, events.events):
         cli.add_command(command)
 
 

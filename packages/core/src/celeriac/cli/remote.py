@@ -10,7 +10,7 @@ import click
 
 from celeriac.cli.context import CLIContext, pass_ctx
 
-__all__ = ["control", "events", "inspect", "status"]
+__all__ = ["control", "inspect", "status"]
 
 EX_UNAVAILABLE = 69
 
@@ -123,31 +123,3 @@ def status(ctx: CLIContext, timeout: float, as_json: bool) -> None:
     for node in nodes:
         click.echo(f"{node}: OK")
     click.echo(f"\n{len(nodes)} node{'s' if len(nodes) != 1 else ''} online.")
-
-
-@click.command()
-@click.option("-d", "--dump", is_flag=True, help="Print each event as it arrives.")
-@click.option("--timeout", type=float, default=None, help="Stop after this many seconds.")
-@click.option("-n", "--limit", type=int, default=None, help="Stop after this many events.")
-@pass_ctx
-def events(ctx: CLIContext, dump: bool, timeout: float | None, limit: int | None) -> None:
-    """Watch the events workers send (start workers with -E for task events)."""
-    from celeriac.events import EventReceiver, format_event
-
-    receiver = EventReceiver(ctx.app)
-    click.echo("-> events: Ready to capture events...", err=True)
-    counts: dict[str, int] = {}
-    try:
-        for event in receiver.itercapture(timeout=timeout, limit=limit):
-            if dump:
-                click.echo(format_event(event))
-            else:
-                counts[event.get("type", "?")] = counts.get(event.get("type", "?"), 0) + 1
-                summary = "  ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-                click.echo(f"\r{summary}", nl=False)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        receiver.close()
-        if not dump:
-            click.echo("")
