@@ -184,3 +184,50 @@ def test_children_exit_when_the_worker_is_killed(tmp_path: Path) -> None:
         alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
                  and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
     assert alive == []
+
+
+def test_inspect_active_lists_the_task_a_child_runs(app: Celeriac, tmp_path: Path) -> None:
+    """``inspect active`` shows what the children run, with its start time and the child's pid."""
+    @app.task(name="pf.until")
+    def until(path: str) -> str:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return "released"
+
+    marker = str(tmp_path / "release")
+    worker = _worker(app, concurrency=1)
+    try:
+        before = time.time()
+        running, waiting = until.delay(marker), until.delay(marker)
+        inspect = app.control.inspect(timeout=1)
+        deadline = time.monotonic() + 10
+        active: list[Any] = []
+        while not active:
+            assert time.monotonic() < deadline, "the running task never showed under active"
+            active = (inspect.active() or {}).get(worker.hostname) or []
+        assert [item["id"] for item in active] == [running.id]
+        assert before - 1 <= active[0]["time_start"] <= time.time()
+        assert active[0]["worker_pid"] not in (None, os.getpid())
+        reserved = inspect.reserved()[worker.hostname]
+        assert [item["id"] for item in reserved] == [waiting.id]
+        assert reserved[0]["time_start"] is None
+        open(marker, "w").close()
+        assert running.get(timeout=10) == waiting.get(timeout=10) == "released"
+    finally:
+        open(marker, "w").close()
+        _stop(worker)
+
+
+def test_queued_time_does_not_count_against_the_hard_time_limit(app: Celeriac) -> None:
+    @app.task(time_limit=0.9, name="pf.limited")
+    def limited(index: int) -> int:
+        time.sleep(0.5)
+        return index
+
+    worker = _worker(app, concurrency=1)
+    try:
+        results = [limited.delay(i) for i in range(4)]
+        assert [r.get(timeout=20) for r in results] == [0, 1, 2, 3]
+    finally:
+        _stop(worker)

@@ -7,6 +7,8 @@ worker never hoards what other workers could run.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
 import time
@@ -72,7 +74,8 @@ class TaskConsumer:
     """Moves messages from the broker to the pool until :meth:`stop`."""
 
     def __init__(self, app: Celeriac, consumer: Consumer, pool: Pool, hostname: str,
-                 prefetch: int, fetch_timeout: float = 1.0) -> None:
+                 prefetch: int, fetch_timeout: float = 1.0, time_limit: float | None = None,
+                 soft_time_limit: float | None = None) -> None:
         self.app = app
         self.consumer = consumer
         self.pool = pool
@@ -81,7 +84,12 @@ class TaskConsumer:
         self.fetch_timeout = fetch_timeout
         self.tracer = Tracer(app, consumer, hostname)
         self.accept = AcceptPolicy(app.conf.get("accept_content") or ["json"])
+        #: Runs time limits (never pool submissions: those stay in the consumer thread).
         self.timer = Timer()
+        # Requests waiting for their ETA ("eta") or their rate limit ("submit"), as a heap of
+        # (unix time, sequence, kind, request); touched by the consumer thread only.
+        self._deferred: list[tuple[float, int, str, Request]] = []
+        self._sequence = itertools.count()
         self.reserved = 0
         self.active: dict[str, Request] = {}
         self.held: dict[str, Request] = {}
@@ -92,8 +100,9 @@ class TaskConsumer:
         self._stopping = threading.Event()
         self._buckets: dict[str, TokenBucket | None] = {}
         self._rate_limits_enabled = not app.conf.get("worker_disable_rate_limits")
-        self._default_time_limit = app.conf.get("task_time_limit")
-        self._default_soft_limit = app.conf.get("task_soft_time_limit")
+        self._default_time_limit = time_limit if time_limit is not None else app.conf.get("task_time_limit")
+        self._default_soft_limit = (soft_time_limit if soft_time_limit is not None
+                                    else app.conf.get("task_soft_time_limit"))
 
     # -- loop ---------------------------------------------------------------------------------
 
@@ -101,14 +110,16 @@ class TaskConsumer:
         """Consume until :meth:`stop` is called."""
         backoff = 1.0
         while not self._stopping.is_set():
+            next_due = self._run_due()
             window = self.prefetch - self.reserved
             if window <= 0:
                 self.consumer.flush()
-                self._capacity.wait(0.05)
+                self._capacity.wait(0.05 if next_due is None else min(0.05, next_due))
                 self._capacity.clear()
                 continue
+            timeout = self.fetch_timeout if next_due is None else min(self.fetch_timeout, next_due)
             try:
-                deliveries = self.consumer.fetch(window, self.fetch_timeout)
+                deliveries = self.consumer.fetch(window, timeout)
                 backoff = 1.0
             except BrokerConnectionError as exc:
                 logger.error("Connection to the broker lost: %s. Trying again in %.0f s.", exc, backoff)
@@ -173,7 +184,7 @@ class TaskConsumer:
                         eta=headers.get("eta"), expires=headers.get("expires"))
         if request.eta is not None and request.eta > time.time():
             self.held[request.id] = request
-            self.timer.call_at(request.eta, lambda: self._release_held(request), tag=request)
+            self._defer(request.eta, "eta", request)
             return
         self.dispatch(request)
 
@@ -191,10 +202,24 @@ class TaskConsumer:
             except Exception:
                 logger.exception("Could not store the failure of message %s", task_id)
 
-    def _release_held(self, request: Request) -> None:
-        if self.held.pop(request.id, None) is None or self._stopping.is_set():
-            return
-        self.dispatch(request)
+    # -- deferred work (ETA, rate limits): consumer thread only ------------------------------
+
+    def _defer(self, when: float, kind: str, request: Request) -> None:
+        heapq.heappush(self._deferred, (when, next(self._sequence), kind, request))
+
+    def _run_due(self) -> float | None:
+        """Dispatch what is due; return seconds until the next deferred request (None: none)."""
+        deferred = self._deferred
+        while deferred:
+            now = time.time()
+            if deferred[0][0] > now:
+                return deferred[0][0] - now
+            _, _, kind, request = heapq.heappop(deferred)
+            if kind == "submit":
+                self._submit(request)
+            elif self.held.pop(request.id, None) is not None:  # not revoked meanwhile
+                self.dispatch(request)
+        return None
 
     # -- dispatching --------------------------------------------------------------------------
 
@@ -214,7 +239,7 @@ class TaskConsumer:
         if bucket is not None:
             wait = bucket.reserve()
             if wait > 0:
-                self.timer.call_later(wait, lambda: self._submit(request))
+                self._defer(time.time() + wait, "submit", request)
                 return
         self._submit(request)
 
@@ -222,20 +247,28 @@ class TaskConsumer:
         with self._lock:
             self.active[request.id] = request
         if self.pool.process_based:
-            # Early ack when a process takes the task (as Celery does); acks_late waits for the end.
-            on_start = None if request.acks_late else (lambda: self.tracer.ack(request))
             request.handle = self.pool.apply_async(
                 run_payload, (request.to_payload(),), lambda outcome: self._on_process_done(request, outcome),
-                on_start=on_start)
+                on_start=lambda: self._on_start(request))
         else:
             request.handle = self.pool.apply_async(self._execute, (request,), self._on_done)
+
+    def _on_start(self, request: Request) -> None:
+        """A pool slot started ``request``: note the time and start its time limits.
+
+        Called in the pool's thread: the slot thread of a process pool (which acks early here,
+        as Celery does; ``acks_late`` waits for the end), or the thread running the task."""
+        request.time_start = time.time()
+        if self.pool.process_based and not request.acks_late:
+            self.tracer.ack(request)
         if self.pool.soft_time_limits:
+            timers = request.limit_timers
             if request.soft_time_limit:
-                self.timer.call_later(float(request.soft_time_limit),
-                                      lambda: self._interrupt(request, SoftTimeLimitExceeded))
+                timers.append(self.timer.call_later(
+                    float(request.soft_time_limit), lambda: self._interrupt(request, SoftTimeLimitExceeded)))
             if request.time_limit:
-                self.timer.call_later(float(request.time_limit),
-                                      lambda: self._interrupt(request, TimeLimitExceeded))
+                timers.append(self.timer.call_later(
+                    float(request.time_limit), lambda: self._interrupt(request, TimeLimitExceeded)))
 
     def _interrupt(self, request: Request, exc_type: type[BaseException]) -> None:
         if request.id in self.active and self.pool.raise_soft_timeout(request.handle, exc_type):
@@ -246,6 +279,7 @@ class TaskConsumer:
             # Warm shutdown: work not started yet goes back to the broker.
             self.tracer.reject(request, requeue=True)
             return request
+        self._on_start(request)
         return self.tracer.run(request)
 
     def _on_process_done(self, request: Request, outcome: Any) -> None:
@@ -278,6 +312,10 @@ class TaskConsumer:
         self._on_done(request)
 
     def _on_done(self, request: Any) -> None:
+        if isinstance(request, Request):
+            for entry in request.limit_timers:
+                self.timer.cancel(entry)
+            request.limit_timers.clear()
         with self._lock:
             self.reserved -= 1
             self.processed += 1
@@ -290,9 +328,16 @@ class TaskConsumer:
     # -- shutdown -----------------------------------------------------------------------------
 
     def requeue_held(self) -> None:
-        """Give ETA-held messages back to the broker (warm shutdown)."""
-        self.timer.clear()
-        for request in list(self.held.values()):
+        """Give deferred messages (ETA or rate limit) back to the broker (warm shutdown).
+
+        Call it from the consumer's thread once :meth:`run` has returned."""
+        deferred, self._deferred = self._deferred, []
+        for _, _, kind, request in deferred:
+            if kind == "submit":
+                with self._lock:
+                    self.reserved -= 1
+            elif self.held.pop(request.id, None) is None:
+                continue
             self.tracer.reject(request, requeue=True)
         self.held.clear()
 

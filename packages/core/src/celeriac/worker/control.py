@@ -49,12 +49,12 @@ def _info(request: Request, worker: Worker, safe: bool = False) -> dict[str, Any
         "args": headers.get("argsrepr") if safe else request.message.args,
         "kwargs": headers.get("kwargsrepr") if safe else request.message.kwargs,
         "type": request.message.name, "hostname": worker.hostname,
-        "time_start": request.started_at or None, "acknowledged": request.acked,
+        "time_start": request.time_start, "acknowledged": request.acked,
         "delivery_info": {"exchange": request.delivery.exchange,
                           "routing_key": request.delivery.routing_key,
                           "priority": request.message.properties.get("priority"),
                           "redelivered": request.delivery.redelivered},
-        "worker_pid": os.getpid(),
+        "worker_pid": getattr(request.handle, "pid", None) or os.getpid(),
     }
 
 
@@ -68,7 +68,7 @@ def active(worker: Worker, safe: bool = False) -> Any:
     consumer = worker.task_consumer
     if consumer is None:
         return []
-    return [_info(r, worker, safe) for r in list(consumer.active.values()) if r.started_at]
+    return [_info(r, worker, safe) for r in list(consumer.active.values()) if r.time_start is not None]
 
 
 @handler("reserved", "dump_reserved")
@@ -76,7 +76,7 @@ def reserved(worker: Worker) -> Any:
     consumer = worker.task_consumer
     if consumer is None:
         return []
-    return [_info(r, worker) for r in list(consumer.active.values()) if not r.started_at]
+    return [_info(r, worker) for r in list(consumer.active.values()) if r.time_start is None]
 
 
 @handler("scheduled", "dump_schedule")
@@ -136,7 +136,7 @@ def query_task(worker: Worker, ids: Any = ()) -> Any:
     for task_id in wanted:
         request = consumer.active.get(task_id)
         if request is not None:
-            found[task_id] = ["active" if request.started_at else "reserved", _info(request, worker)]
+            found[task_id] = ["active" if request.time_start is not None else "reserved", _info(request, worker)]
         elif task_id in consumer.held:
             found[task_id] = ["scheduled", _info(consumer.held[task_id], worker)]
     return found

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 from celeriac.broker.base import Delivery
-from celeriac.protocol import TaskMessage
+from celeriac.protocol import TaskMessage, to_timestamp
 from celeriac.task import Context, Task
 
 __all__ = ["Request", "parse_time"]
 
 
 def parse_time(value: Any) -> float | None:
-    """An ISO-8601 header value as a Unix timestamp (naive values are UTC), or None."""
-    if not value:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    when = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(str(value))
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return when.timestamp()
+    """An ISO-8601 header value as a Unix timestamp (naive values are UTC), or None.
+
+    The protocol module's parser (:func:`celeriac.protocol.to_timestamp`), the one every
+    component uses."""
+    return to_timestamp(value) if value else None
 
 
 class Request:
@@ -34,12 +29,14 @@ class Request:
         "expires",
         "handle",
         "hostname",
+        "limit_timers",
         "message",
         "outcome",
         "soft_time_limit",
         "started_at",
         "task",
         "time_limit",
+        "time_start",
     )
 
     def __init__(self, task: Task[Any, Any], message: TaskMessage, delivery: Delivery,
@@ -55,6 +52,10 @@ class Request:
         self.soft_time_limit = soft if soft is not None else task.soft_time_limit
         self.acked = False
         self.started_at = 0.0
+        #: Unix time (seconds) when a pool slot started running it; None while reserved.
+        self.time_start: float | None = None
+        #: The timer entries of its soft and hard time limits, cancelled when it ends.
+        self.limit_timers: list[Any] = []
         self.handle: Any = None
         self.hostname = hostname
         #: In a pool process: the ack decision to send back (ack, reject, requeue).

@@ -111,10 +111,8 @@ class Worker:
             multiplier = app.conf.get("worker_prefetch_multiplier")
         self.prefetch = self.concurrency * int(multiplier if multiplier is not None else 4)
         self.events = events or bool(app.conf.get("worker_send_task_events"))
-        if time_limit is not None:
-            app.conf["task_time_limit"] = time_limit
-        if soft_time_limit is not None:
-            app.conf["task_soft_time_limit"] = soft_time_limit
+        self.time_limit = time_limit
+        self.soft_time_limit = soft_time_limit
         self.max_tasks_per_child = max_tasks_per_child
         if max_tasks_per_child and self.pool_name in ("threads", "solo"):
             logger.warning("--max-tasks-per-child only applies to process pools; the %s pool "
@@ -245,7 +243,8 @@ class Worker:
         self.pool.start()
         consumer = self.app.broker.consumer(self.queues, self.prefetch)
         self.task_consumer = TaskConsumer(self.app, consumer, self.pool, self.hostname,
-                                          self.prefetch, self.fetch_timeout)
+                                          self.prefetch, self.fetch_timeout, self.time_limit,
+                                          self.soft_time_limit)
         if self._stop_requested.is_set():
             self.task_consumer.stop()
         broker = self.app.broker
