@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import datetime as dt
 import re
 import uuid
 from bisect import bisect
@@ -16,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from celeriac.protocol import Message
+from celeriac.protocol import Message, to_timestamp
 from celeriac.serialization import json_dumps, json_loads
 
 __all__ = [
@@ -195,21 +194,14 @@ def decode_envelope(raw: bytes | str) -> tuple[Message, str, str, str, bool]:
 
 
 def eta_timestamp(headers: Mapping[str, Any]) -> float | None:
-    """The ``eta`` header of a task message as a Unix timestamp (naive = UTC), or None."""
+    """The ``eta`` header of a task message as a Unix timestamp, or None when it has none or
+    it cannot be read (the worker then reports it). Parsed by the core's one ETA parser,
+    :func:`celeriac.protocol.to_timestamp` (naive = UTC, ``Z`` accepted on every Python)."""
     eta = headers.get("eta") if isinstance(headers, Mapping) else None
     if not eta:
         return None
     try:
-        if isinstance(eta, dt.datetime):
-            when = eta
-        else:
-            text = str(eta)
-            if text.endswith("Z"):
-                text = text[:-1] + "+00:00"
-            when = dt.datetime.fromisoformat(text)
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=dt.timezone.utc)
-        return when.timestamp()
+        return to_timestamp(eta)
     except (TypeError, ValueError, OverflowError):
         return None
 
