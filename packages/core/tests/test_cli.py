@@ -25,8 +25,9 @@ EXAMPLES = REPO / "examples"
 class WorkerProcess:
     """A ``celeriac worker`` subprocess whose output is collected in the background."""
 
-    def __init__(self, args: list[str], cwd: pathlib.Path, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "celeriac", *args], cwd=cwd, env=env,
+    def __init__(self, args: list[str], cwd: pathlib.Path, env: dict[str, str],
+                 module: str = "celeriac") -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self.ready = threading.Event()
@@ -69,6 +70,9 @@ def project(tmp_path: pathlib.Path) -> Iterator[tuple[pathlib.Path, dict[str, st
         from celeriac import Celeriac
         app = Celeriac("proj", backend="sqlite:///results.db", include=["proj.tasks"],
                        broker_transport_options={"visibility_timeout": 2})
+
+        if __name__ == "__main__":
+            app.start()
     """))
     (pkg / "tasks.py").write_text(textwrap.dedent("""
         import os, time
@@ -128,10 +132,12 @@ def test_banner_lists_configuration_queues_and_plugins(project: Any) -> None:
         assert worker.stop() == 0
     banner = worker.output
     assert "[Configuration]" in banner and "[Queues]" in banner and "[Plugins]" in banner
-    assert "transport:   sqlite:///celeriac-broker.db (embedded SQLite)" in banner
+    assert ". broker:      sqlite:///celeriac-broker.db (embedded SQLite)" in banner
     assert "no broker configured, nothing to install" in banner
     assert "concurrency: 2 (threads (default))" in banner or "concurrency: 2 (prefork (default))" in banner
-    assert ".> hipri            exchange=hipri(direct) key=hipri" in banner
+    assert ". events:      OFF (enable -E to monitor this worker)" in banner
+    assert ". celery:      exchange:celery(direct) binding:celery" in banner
+    assert ". hipri:       exchange:hipri(direct) binding:hipri" in banner
     assert "builtin (celeriac " in banner
     assert "w1@" in banner and "proj.tasks.add" in banner
     assert "Warm shutdown" in banner
@@ -232,6 +238,20 @@ def test_every_command_has_help(command: str) -> None:
     assert "Usage:" in result.output
 
 
+@pytest.mark.parametrize("command", ["inspect", "control"])
+def test_remote_help_lists_every_command_on_its_own_line(command: str) -> None:
+    from celeriac.cli.remote import CONTROL_COMMANDS, INSPECT_COMMANDS
+
+    table = INSPECT_COMMANDS if command == "inspect" else CONTROL_COMMANDS
+    result = CliRunner().invoke(cli, [command, "--help"], terminal_width=80)
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    listed = lines[lines.index("Commands:") + 1:]
+    assert len(listed) == len(table)
+    for line, (name, (_, text)) in zip(listed, table.items()):
+        assert line.split()[0] == name and line.endswith(text) and len(line) <= 80
+
+
 def test_plugins_lists_builtins_with_versions() -> None:
     from celeriac import __version__
 
@@ -271,3 +291,53 @@ def test_detached_worker_restarts_on_sighup_and_stops_on_sigterm(project: Any) -
     os.kill(int(pidfile.read_text()), signal.SIGTERM)
     wait_for(lambda: not pidfile.exists(), "pidfile removed after SIGTERM")
     assert logfile.read_text().count("Warm shutdown") == 2
+
+
+def test_python_m_proj_celery_starts_a_worker_with_app_start(project: Any) -> None:
+    """The guide's ``proj/celery.py`` ends with ``app.start()``: ``python -m proj.celery worker``."""
+    cwd, env = project
+    worker = WorkerProcess(["worker", "-l", "info", "-c", "2", "-P", "threads"], cwd, env,
+                           module="proj.celery")
+    try:
+        worker.wait_ready()
+        assert "proj.tasks.add" in worker.output  # the task module found the same app
+        out = _client(cwd, "from proj.tasks import add; print(add.delay(2, 3).get(timeout=20))", env)
+        assert out.strip() == "5"
+    finally:
+        assert worker.stop() == 0, worker.output
+
+
+def test_app_start_runs_other_commands_and_worker_main_insists_on_worker(project: Any) -> None:
+    cwd, env = project
+    out = subprocess.run([sys.executable, "-c", "from proj.celery import app; app.start(['inspect', '--help'])"],
+                         cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "registered" in out.stdout
+    out = subprocess.run([sys.executable, "-c", "from proj.celery import app; app.worker_main(['status'])"],
+                         cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "worker sub-command" in out.stderr
+
+
+def test_broker_and_backend_options_after_the_command(project: Any, tmp_path: pathlib.Path) -> None:
+    """``celeriac -A proj worker -b URL`` (the guide) and ``--result-backend`` after the command."""
+    cwd, env = project
+    broker = f"sqlite:///{tmp_path}/other-broker.db"
+    backend = f"sqlite:///{tmp_path}/other-results.db"
+    worker = WorkerProcess(["-A", "proj", "worker", "-l", "info", "-P", "threads", "-b", broker,
+                            "--result-backend", backend], cwd, env)
+    try:
+        worker.wait_ready()
+        assert f". broker:      {broker}" in worker.output
+        assert f". results:     {backend}" in worker.output
+        out = _client(cwd, f"""
+            from proj.tasks import add
+            from proj.celery import app
+            app.conf.update(broker_url={broker!r}, result_backend={backend!r})
+            print(add.delay(4, 4).get(timeout=20))
+        """, env)
+        assert out.strip() == "8"
+        status = subprocess.run([sys.executable, "-m", "celeriac", "-A", "proj", "status", "-b", broker],
+                                cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and "1 node online" in status.stdout, status.stderr
+    finally:
+        assert worker.stop() == 0, worker.output

@@ -276,6 +276,42 @@ class Celeriac:
 
         return Control(self)
 
+    # -- command line -------------------------------------------------------------------------
+
+    def start(self, argv: list[str] | None = None) -> None:
+        """Run the ``celeriac`` command line for this app, as ``celeriac -A <app> ...`` would.
+
+        ``argv`` is the list of arguments after the program name (default: ``sys.argv[1:]``),
+        e.g. ``app.start(["worker", "-l", "info"])``. Exits the process with the command's exit
+        code (``SystemExit``), like the command line.
+        """
+        import sys
+
+        from celeriac.cli.main import main
+
+        # ``python -m proj.celery worker``: the module runs as ``__main__``. Register it under its
+        # own name too, so ``from proj.celery import app`` in the task modules finds this app
+        # instead of importing the module a second time and building another app.
+        module = sys.modules.get("__main__")
+        spec = getattr(module, "__spec__", None)
+        if (spec is not None and spec.name and spec.name not in sys.modules
+                and any(value is self for value in vars(module).values())):
+            sys.modules[spec.name] = module  # type: ignore[assignment]
+        main(argv, app=self)
+
+    def worker_main(self, argv: list[str] | None = None) -> None:
+        """Start a worker for this app from command-line arguments: ``app.worker_main(["worker", "-l", "info"])``.
+
+        Raises ``ValueError`` when ``argv`` does not name the ``worker`` command (use
+        :meth:`start` for other commands)."""
+        from celeriac.cli.main import command_args
+
+        args = command_args(argv)
+        if "worker" not in args:
+            raise ValueError("The worker sub-command must be given in argv, e.g. "
+                             "app.worker_main(['worker', '-l', 'info']); use app.start() for other commands.")
+        self.start(args)
+
     # -- sending ------------------------------------------------------------------------------
 
     def send_task(self, name: str, args: Any = None, kwargs: Any = None, *,

@@ -20,6 +20,8 @@ class CLIContext:
     result_backend: str | None
     config: str | None
     workdir: str | None
+    #: An app object given directly (``app.start()``), used instead of ``app_spec``.
+    preset_app: Any = None
     _app: Any = None
 
     @property
@@ -28,7 +30,9 @@ class CLIContext:
         if self._app is None:
             if self.workdir:
                 os.chdir(self.workdir)
-            if self.app_spec:
+            if self.preset_app is not None:
+                app = self.preset_app
+            elif self.app_spec:
                 from celeriac.cli.appload import find_app
 
                 app = find_app(self.app_spec)

@@ -14,15 +14,57 @@ __all__ = ["control", "inspect", "status"]
 
 EX_UNAVAILABLE = 69
 
-INSPECT_COMMANDS = ["ping", "active", "reserved", "scheduled", "revoked", "registered", "stats",
-                    "active_queues", "query_task", "conf", "clock"]
-CONTROL_COMMANDS = ["revoke", "terminate", "rate_limit", "time_limit", "shutdown", "enable_events",
-                    "disable_events", "heartbeat"]
-# Positional arguments of each command, in order.
+#: ``celeriac inspect`` commands: name -> (arguments, one-line description).
+INSPECT_COMMANDS: dict[str, tuple[str, str]] = {
+    "ping": ("", "Ping the workers."),
+    "active": ("", "List the tasks the workers are running."),
+    "reserved": ("", "List the tasks prefetched and not started yet."),
+    "scheduled": ("", "List the tasks waiting for their ETA (held or parked)."),
+    "revoked": ("", "List the ids of the tasks the workers revoked."),
+    "registered": ("", "List the task names each worker knows."),
+    "stats": ("", "Show worker statistics (pool, broker, totals)."),
+    "active_queues": ("", "List the queues each worker consumes from."),
+    "query_task": ("ID...", "Show what the workers know about task ids."),
+    "conf": ("", "Show the settings that differ from the defaults."),
+    "clock": ("", "Show the workers' logical clock."),
+}
+#: ``celeriac control`` commands: name -> (arguments, one-line description).
+CONTROL_COMMANDS: dict[str, tuple[str, str]] = {
+    "revoke": ("ID...", "Revoke tasks: the workers will not run them."),
+    "terminate": ("SIGNAL ID...", "Revoke; also kill running ones with SIGNAL."),
+    "rate_limit": ("TASK RATE", "Set a task's rate limit (10/m; 0 removes it)."),
+    "time_limit": ("TASK SOFT [HARD]", "Set a task's time limits (seconds)."),
+    "add_consumer": ("QUEUE [EXCHANGE TYPE KEY]", "Start consuming from a queue."),
+    "cancel_consumer": ("QUEUE", "Stop consuming from a queue."),
+    "pool_grow": ("[N]", "Add N pool processes/threads (default 1)."),
+    "pool_shrink": ("[N]", "Remove N pool processes/threads (default 1)."),
+    "autoscale": ("MAX MIN", "Set the pool's autoscale limits."),
+    "enable_events": ("", "Tell the workers to send task events."),
+    "disable_events": ("", "Tell the workers to stop sending events."),
+    "heartbeat": ("", "Ask the workers for a heartbeat event."),
+    "shutdown": ("", "Warm shutdown of the workers."),
+}
+# Positional arguments of each command, in order ("*": the rest).
 ARGUMENTS: dict[str, list[str]] = {
     "query_task": ["ids*"], "revoke": ["task_id*"], "terminate": ["signal", "task_id*"],
     "rate_limit": ["task_name", "rate_limit"], "time_limit": ["task_name", "soft", "hard"],
+    "add_consumer": ["queue", "exchange", "exchange_type", "routing_key"],
+    "cancel_consumer": ["queue"], "pool_grow": ["n"], "pool_shrink": ["n"], "autoscale": ["max", "min"],
 }
+
+
+class _RemoteCommand(click.Command):
+    """Lists its remote commands one per line, with a description, under ``Commands:``."""
+
+    def __init__(self, *args: Any, table: dict[str, tuple[str, str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.table = table
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, f"{args}: {text}" if args else text)
+                                for name, (args, text) in self.table.items()])
+        super().format_epilog(ctx, formatter)
 
 
 def _compile(command: str, args: tuple[str, ...]) -> dict[str, Any]:
@@ -83,11 +125,11 @@ def _remote(ctx: CLIContext, command: str, args: tuple[str, ...], timeout: float
     _print_replies(replies, as_json)
 
 
-def _remote_command(name: str, methods: list[str], doc: str) -> click.Command:
-    """``inspect`` and ``control``: the same options, different method lists."""
-    @click.command(name=name, help=doc)
-    @click.argument("method", type=click.Choice(methods))
-    @click.argument("args", nargs=-1)
+def _remote_command(name: str, table: dict[str, tuple[str, str]], doc: str) -> click.Command:
+    """``inspect`` and ``control``: the same options, different command tables."""
+    @click.command(name=name, help=doc, cls=_RemoteCommand, table=table)
+    @click.argument("method", metavar="COMMAND", type=click.Choice(list(table)), required=True)
+    @click.argument("args", nargs=-1, metavar="[ARGS]...")
     @click.option("-t", "--timeout", type=float, default=1.0, show_default=True,
                   help="Seconds to wait for replies.")
     @click.option("-d", "--destination", help="Comma-separated node names (default: all).")
@@ -101,9 +143,12 @@ def _remote_command(name: str, methods: list[str], doc: str) -> click.Command:
 
 
 inspect = _remote_command(
-    "inspect", INSPECT_COMMANDS, "Ask the workers about their state (ping, active, reserved, scheduled, stats, ...).")
+    "inspect", INSPECT_COMMANDS,
+    "Ask the running workers about their state: celeriac -A proj inspect COMMAND. Needs a broker "
+    "with broadcast (the embedded SQLite broker, Redis, RabbitMQ, AMQP 1.0).")
 control = _remote_command(
-    "control", CONTROL_COMMANDS, "Change the workers' behaviour (revoke, rate_limit, time_limit, shutdown, events).")
+    "control", CONTROL_COMMANDS,
+    "Change the running workers' behaviour: celeriac -A proj control COMMAND [ARGS]...")
 
 
 @click.command()

@@ -149,37 +149,47 @@ class Worker:
     # -- banner -------------------------------------------------------------------------------
 
     def banner(self) -> str:
-        """The startup banner, in Celery's layout."""
+        """The startup banner, in the layout of Celery's "Next Steps" guide.
+
+        ``[Configuration]`` (broker with its password masked, app, results, concurrency and
+        pool, events), ``[Queues]``, then ``[Plugins]`` and ``[Tasks]``. What was chosen
+        implicitly (the embedded broker, the default pool) says so."""
         broker = self.app.broker
         backend_url = self.app.backend_url
-        transport = mask_url(self.app.broker_url)
+        broker_line = mask_url(self.app.broker_url)
         if broker.description:
-            transport += f" ({broker.description})"
+            broker_line += f" ({broker.description})"
         if not self.app.conf.get("broker_url"):
-            transport += " - the default: no broker configured, nothing to install"
+            broker_line += " - the default: no broker configured, nothing to install"
         pool_note = self.pool_name + (" (default)" if self.pool_chosen_implicitly else "")
+        patched = getattr(pool_factory(self.pool_name), "banner_note", None)
+        if callable(patched):
+            patched = patched()
+        if patched:
+            pool_note += f", {patched}"
         app_name = f"{self.app.main or '__main__'}:{id(self.app):#x}"
-        events = "ON" if self.events else "OFF (enable -E to monitor tasks in this worker)"
+        events = "ON" if self.events else "OFF (enable -E to monitor this worker)"
+        art = ["--- ***** -----", "-- ******* ----", "- *** --- * ---", "- ** ----------"]
         lines = [
             "",
             f" -------------- {self.hostname} v{__version__} (celeriac)",
-            "--- ***** -----",
-            f"-- ******* ---- {platform.platform()} {time.strftime('%Y-%m-%d %H:%M:%S')}",
-            "- *** --- * ---",
-            "- ** ---------- [Configuration]",
-            f"- ** ---------- .> app:         {app_name}",
-            f"- ** ---------- .> transport:   {transport}",
-            f"- ** ---------- .> results:     {mask_url(backend_url) if backend_url else 'disabled://'}",
-            f"- *** --- * --- .> concurrency: {self.concurrency} ({pool_note})",
-            f"-- ******* ---- .> task events: {events}",
-            "--- ***** -----",
+            art[0],
+            f"{art[1]} {platform.platform()} {time.strftime('%Y-%m-%d %H:%M:%S')}",
+            art[2],
+            f"{art[3]} [Configuration]",
+            f"{art[3]} . broker:      {broker_line}",
+            f"{art[3]} . app:         {app_name}",
+            f"{art[3]} . results:     {mask_url(backend_url) if backend_url else 'disabled://'}",
+            f"{art[2]} . concurrency: {self.concurrency} ({pool_note})",
+            f"{art[1]} . events:      {events}",
+            art[0],
             " -------------- [Queues]",
         ]
         for queue in self.queues:
             exchange = queue.exchange
             assert exchange is not None
-            lines.append(f"                .> {queue.name:<16} exchange={exchange.name}({exchange.type}) "
-                         f"key={queue.binding_key}")
+            lines.append(f"                . {queue.name + ':':<12} exchange:{exchange.name}({exchange.type}) "
+                         f"binding:{queue.binding_key}")
         lines.append("")
         lines.append("[Plugins]")
         for info in plugin_infos():
