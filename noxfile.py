@@ -10,7 +10,7 @@ ROOT = pathlib.Path(__file__).parent
 PACKAGES = sorted(p.parent for p in ROOT.glob("packages/*/pyproject.toml"))
 # The core first: every plugin depends on it.
 PACKAGES.sort(key=lambda p: p.name != "core")
-TEST_DEPS = ["pytest>=8", "celery==5.6.2", "redis>=5", "pika>=1.3", "mypy>=1.10", "ruff>=0.5"]
+TEST_DEPS = ["pytest>=8", "celery==5.6.2", "redis>=5", "pika>=1.3", "mypy>=1.10", "ruff>=0.5", "flower>=2.0"]
 
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True

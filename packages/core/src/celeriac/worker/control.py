@@ -16,7 +16,6 @@ from celeriac.backends.base import make_meta
 from celeriac.control import PIDBOX_EXCHANGE
 from celeriac.exceptions import TaskRevokedError
 from celeriac.protocol import Message
-from celeriac.routing import Exchange, Queue
 from celeriac.serialization import json_dumps, json_loads
 
 if TYPE_CHECKING:
@@ -291,11 +290,9 @@ class Pidbox:
                 logger.exception("Control command %s failed", method)
                 reply = {"error": repr(exc)}
         reply_to = body.get("reply_to")
-        if reply_to and body.get("ticket"):
-            key = str(reply_to.get("routing_key"))
-            queue = Queue(f"{key}.reply.celery.pidbox", Exchange(str(reply_to.get("exchange")), "direct",
-                                                                 durable=False),
-                          key, durable=False, auto_delete=True, expires=10.0)
+        if isinstance(reply_to, dict) and body.get("ticket"):
+            # The client declared its reply queue (exclusive on RabbitMQ for Celery's clients):
+            # publish to the reply exchange only, never declare the queue from here.
             self.broker.publish(Message({"ticket": body["ticket"], "clock": 0}, {"delivery_mode": 1},
                                         json_dumps({self.worker.hostname: reply})),
-                                str(reply_to.get("exchange")), key, queue=queue)
+                                str(reply_to.get("exchange")), str(reply_to.get("routing_key")))
