@@ -1,14 +1,9 @@
-"""Remote control, events and ``multi``."""
+"""Remote control and events (``multi`` is tested in test_multi.py)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -89,37 +84,3 @@ def test_task_events_are_sent_with_minus_e(celeriac_app: Any) -> None:
         worker.stop()
         receiver.close()
 
-
-def test_multi_start_and_stopwait(tmp_path: Path) -> None:
-    (tmp_path / "multiproj.py").write_text(textwrap.dedent("""
-        from celeriac import Celeriac
-        app = Celeriac("multiproj", backend="sqlite:///results.db")
-
-        @app.task
-        def add(x, y):
-            return x + y
-    """))
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    env.pop("CELERIAC_BROKER_URL", None)
-    env.pop("CELERIAC_RESULT_BACKEND", None)
-
-    def celeriac(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "celeriac", "-A", "multiproj", *args], cwd=tmp_path,
-                              env=env, capture_output=True, text=True, timeout=120)
-
-    started = celeriac("multi", "start", "2", "--", "-c", "1")
-    assert started.returncode == 0, started.stdout + started.stderr
-    try:
-        deadline = time.monotonic() + 30
-        status = celeriac("status", "-t", "2")
-        while "2 nodes online" not in status.stdout and time.monotonic() < deadline:
-            status = celeriac("status", "-t", "2")
-        assert "2 nodes online" in status.stdout, status.stdout + status.stderr
-        assert (tmp_path / "celery1.pid").exists() and (tmp_path / "celery2.log").exists()
-    finally:
-        stopped = celeriac("multi", "stopwait", "2")
-    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-    assert stopped.stdout.count("DOWN") == 2
-    assert not (tmp_path / "celery1.pid").exists()
-    gone = celeriac("status", "-t", "1")
-    assert gone.returncode == 69 and "No nodes replied" in gone.stderr
