@@ -5,6 +5,7 @@ from __future__ import annotations
 import curses
 import importlib.util
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -21,7 +22,9 @@ import pytest
 from celeriac import states
 from celeriac.app import Celeriac
 from celeriac.cli.monitor import Monitor, detail_lines, format_row, task_columns, task_row, worker_columns
+from celeriac.events import EVENT_EXCHANGE
 from celeriac.events_state import MAX_FIELD, EventState
+from celeriac.protocol import Message
 from celeriac.testing.process import WorkerProcess, require_server
 
 TMUX = shutil.which("tmux")
@@ -212,6 +215,11 @@ def test_without_a_terminal_it_says_to_use_dump_and_exits_2(tmp_path: Path) -> N
 
 # -- the real screen, in tmux -------------------------------------------------------------------
 
+BAD_EVENTS = [b"not json", b'["a list", 1, null]', b'{"type": "task-succeeded"}', b'{"no": "type"}',
+              b'{"type": "worker-heartbeat", "hostname": 5}', b'{"type": "spam-eggs", "uuid": "x"}',
+              b'[{"type": "task-failed", "uuid": ["x"]}, {"type": 7}]']
+BAD_EVENT_COUNT = 6  # the receiver drops the undecodable body and the list's non-dict items
+
 
 class Tmux:
     """A private tmux server (its own socket) with one session running ``command``."""
@@ -297,6 +305,8 @@ def test_live_screen_in_a_real_terminal(kind: str, tmp_path: Path, monkeypatch: 
 
     client = Celeriac("client", task_default_queue=queue)
     try:
+        for body in BAD_EVENTS:  # the monitor ignores these and goes on
+            client.broker.broadcast(EVENT_EXCHANGE, Message({}, {}, body), routing_key="task.succeeded")
         ids = [client.send_task("evapp.add", (i, 1)).id for i in range(3)]
         failed = client.send_task("evapp.boom", ("kaput",)).id
     finally:
@@ -307,8 +317,11 @@ def test_live_screen_in_a_real_terminal(kind: str, tmp_path: Path, monkeypatch: 
     assert len(lines) <= 24 and all(len(line) <= 80 for line in lines)
     assert "evapp.add" in screen and "evapp.boom" in screen and "(0, 1) -> 1" in screen
     assert all(task_id[:8] in screen for task_id in ids)
+    ignored = re.search(r"\((\d+) events ignored\)", screen)
+    assert ignored and int(ignored.group(1)) >= BAD_EVENT_COUNT, screen
 
-    tmux.keys("Enter")  # the newest task first: the failure's detail
+    rows = [line.split()[0] for line in lines[lines.index(next(x for x in lines if "UUID" in x)) + 1:] if line.strip()]
+    tmux.keys(*["j"] * rows.index(failed[:8]), "Enter")
     detail = tmux.wait_for(lambda s: "Traceback :" in s, "the detail view")
     assert failed in detail and "ValueError('kaput')" in detail and "evapp.boom" in detail
     tmux.keys("Escape")
@@ -326,3 +339,22 @@ def test_live_screen_in_a_real_terminal(kind: str, tmp_path: Path, monkeypatch: 
     assert tmux.run("display-message", "-p", "#{alternate_on}").strip() == "0"
     assert node not in tmux.screen()  # the monitor's screen is gone
     assert worker.proc.poll() is None
+
+
+@pytest.mark.skipif(TMUX is None, reason="tmux is not installed")
+def test_ctrl_c_quits_and_restores_the_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                tmux_sessions: list[Tmux]) -> None:
+    monkeypatch.setenv("CELERIAC_BROKER_URL", f"sqlite:///{tmp_path}/broker.db")
+    tmux = Tmux(f"stty -g > stty.before; {shlex.quote(CELERIAC)} events; echo $? > monitor.rc; "
+                "stty -g > stty.after; exec sleep 120", tmp_path, width=100, height=30)
+    tmux_sessions.append(tmux)
+    tmux.wait_for(lambda s: "Workers: none seen yet" in s and "(no task events yet)" in s, "the empty monitor")
+    tmux.keys("C-c")
+    deadline = time.monotonic() + 15
+    while not (tmp_path / "stty.after").exists():
+        assert time.monotonic() < deadline, "the monitor did not quit on Ctrl-C:\n" + tmux.screen()
+        time.sleep(0.1)
+    assert (tmp_path / "monitor.rc").read_text().strip() == "0"
+    assert (tmp_path / "stty.after").read_text() == (tmp_path / "stty.before").read_text()
+    assert tmux.run("display-message", "-p", "#{alternate_on}").strip() == "0"
+    assert "Workers" not in tmux.screen()
