@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import importlib
 import os
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from celeriac import current
 from celeriac.config import DEFAULT_BROKER_URL, Settings
 from celeriac.exceptions import ImproperlyConfigured, NotRegistered
-from celeriac.protocol import encode_task
+from celeriac.protocol import encode_task, parse_iso8601
 from celeriac.routing import Queue, Router
 from celeriac.task import P, R, Task, current_request
 
@@ -24,12 +26,42 @@ if TYPE_CHECKING:
     from celeriac.result import AsyncResult, GroupResult
     from celeriac.result import AsyncResult as _AsyncResult
 
-__all__ = ["Celeriac", "Celery", "TaskRegistry", "shared_task"]
+__all__ = ["Celeriac", "Celery", "SharedTask", "TaskRegistry", "shared_task"]
 
 T = TypeVar("T")
 
-_shared_tasks: list[Callable[[Celeriac], Any]] = []
-_apps: list[Celeriac] = []
+#: Every ``@shared_task`` defined so far (task definitions, not apps: no app is kept alive here).
+_shared_tasks: list[SharedTask] = []
+
+
+class _AliveApps(Sequence["Celeriac"]):
+    """A read-only view of the apps alive, the current app last (``_apps[-1]``).
+
+    Kept for modules that still look up ``celeriac.app._apps``; it holds no reference to any
+    app (:mod:`celeriac.current` owns the current app)."""
+
+    def _snapshot(self) -> list[Celeriac]:
+        apps = current.all_apps()
+        now = current.get_current_app()
+        if now is not None and now in apps:
+            apps.remove(now)
+            apps.append(now)
+        return apps
+
+    @overload
+    def __getitem__(self, index: int) -> Celeriac: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Celeriac]: ...
+
+    def __getitem__(self, index: int | slice) -> Celeriac | Sequence[Celeriac]:
+        return self._snapshot()[index]
+
+    def __len__(self) -> int:
+        return len(self._snapshot())
+
+
+_apps = _AliveApps()
 
 
 class TaskRegistry(dict[str, "Task[Any, Any]"]):
@@ -42,11 +74,12 @@ class TaskRegistry(dict[str, "Task[Any, Any]"]):
         )
 
 
-def _to_utc(value: dt.datetime) -> dt.datetime:
-    """Naive datetimes are taken as UTC, as Celery does with ``enable_utc``."""
+def _to_utc(value: dt.datetime, local: dt.tzinfo | None = None) -> dt.datetime:
+    """``value`` in UTC. Naive datetimes are UTC (Celery's ``enable_utc=True``), or wall-clock
+    time in ``local`` when given (``enable_utc=False``: the app's ``timezone``)."""
     if value.tzinfo is None:
-        return value.replace(tzinfo=dt.timezone.utc)
-    return value
+        value = value.replace(tzinfo=local or dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc)
 
 
 class Celeriac:
@@ -54,10 +87,13 @@ class Celeriac:
 
     Without ``broker`` the embedded SQLite broker in the current directory is used; without
     ``backend`` results are not kept. Keyword arguments are settings (Celery's lowercase names).
+    The new app becomes the current app (:mod:`celeriac.current`, used by ``@shared_task``)
+    unless ``set_as_current=False``.
     """
 
     def __init__(self, main: str | None = None, broker: str | None = None, backend: str | None = None,
-                 include: Iterable[str] = (), config_source: Any = None, **settings: Any) -> None:
+                 include: Iterable[str] = (), config_source: Any = None, set_as_current: bool = True,
+                 **settings: Any) -> None:
         self.main = main
         self.conf = Settings()
         if config_source is not None:
@@ -76,15 +112,21 @@ class Celeriac:
         self._router: Router | None = None
         self._router_version = -1
         self._tz: tuple[str, dt.tzinfo] | None = None
+        self._declared_queues: frozenset[str] = frozenset()
+        self._sent_events: Any = None
         self._inherited: list[Any] = []
         self._lock = threading.RLock()
-        _apps.append(self)
-        for register in _shared_tasks:
-            register(self)
+        current.register_app(self, make_current=set_as_current)
+        for shared in list(_shared_tasks):
+            shared.task_for(self)
         self._register_builtins()
 
     def __repr__(self) -> str:
         return f"<Celeriac {self.main or '__main__'} at {id(self):#x}>"
+
+    def set_current(self) -> None:
+        """Make this app the current app (what ``@shared_task`` tasks send with)."""
+        current.set_current_app(self)
 
     # -- configuration ----------------------------------------------------------------------
 
@@ -116,6 +158,7 @@ class Celeriac:
             self._inherited.extend(x for x in (self._broker, self._backend) if x is not None)
             self._broker = None
             self._backend = None
+            self._sent_events = None
 
     @property
     def broker(self) -> Broker:
@@ -147,6 +190,7 @@ class Celeriac:
     def close(self) -> None:
         """Close the broker and backend connections of this process."""
         with self._lock:
+            self._sent_events = None
             if self._broker is not None:
                 self._broker.close()
                 self._broker = None
@@ -173,6 +217,7 @@ class Celeriac:
                 self._router.queues[default_queue] = Queue(
                     default_queue, routing_key=self.conf.default_routing_key, max_priority=max_priority
                 )
+            self._declared_queues = frozenset(self._router.queues)
             self._router_version = self.conf.version
         return self._router
 
@@ -337,26 +382,26 @@ class Celeriac:
         task_id = task_id or str(uuid.uuid4())
         args = list(args or ())
         kwargs = dict(kwargs or {})
+        # Every time is computed in UTC: seconds added to a local wall-clock time would be off
+        # by the DST change between now and then.
         now = None
         eta_iso: str | None = None
         not_before: float | None = None
         if countdown is not None:
-            now = self.now()
+            now = self.now().astimezone(dt.timezone.utc)
             eta_dt = now + dt.timedelta(seconds=float(countdown))
             eta_iso, not_before = eta_dt.isoformat(), eta_dt.timestamp()
         elif eta is not None:
-            eta_dt = _to_utc(dt.datetime.fromisoformat(eta) if isinstance(eta, str) else eta)
+            eta_dt = self._utc(eta)
             eta_iso, not_before = eta_dt.isoformat(), eta_dt.timestamp()
         expires_iso: str | None = None
         expiration_ms: int | None = None
         if expires is not None:
-            now = now or self.now()
+            now = now or self.now().astimezone(dt.timezone.utc)
             if isinstance(expires, (int, float)):
                 expires_dt = now + dt.timedelta(seconds=float(expires))
-            elif isinstance(expires, str):
-                expires_dt = _to_utc(dt.datetime.fromisoformat(expires))
             else:
-                expires_dt = _to_utc(expires)
+                expires_dt = self._utc(expires)
             expires_iso = expires_dt.isoformat()
             expiration_ms = int((expires_dt - now).total_seconds() * 1000)
         parent = current_request()
@@ -370,6 +415,12 @@ class Celeriac:
         route = self.router.route(
             name, {"queue": queue, "routing_key": routing_key, "exchange": exchange}, args, kwargs
         )
+        if route.queue.name not in self._declared_queues and \
+                not self.conf.get("task_create_missing_queues", True):
+            raise ImproperlyConfigured(
+                f"Task {name} is routed to queue {route.queue.name!r}, which is not in task_queues, "
+                "and task_create_missing_queues is False: declare the queue in task_queues."
+            )
         if ignore_result is None:
             ignore_result = bool(self.conf.get("task_ignore_result"))
         message = encode_task(
@@ -392,7 +443,30 @@ class Celeriac:
         broker = self.broker
         broker.publish(message, route.exchange, route.routing_key, queue=route.queue,
                        not_before=not_before)
+        if self.conf.get("task_send_sent_event"):
+            self._send_sent_event(message.headers, route.queue.name, route.exchange, route.routing_key)
         return AsyncResult(task_id, app=self, task_name=name)
+
+    def _send_sent_event(self, headers: Mapping[str, Any], queue: str, exchange: str,
+                         routing_key: str) -> None:
+        """The ``task-sent`` event (``task_send_sent_event``), with Celery's fields."""
+        if self._sent_events is None:
+            from celeriac.events import EventDispatcher
+            from celeriac.protocol import default_origin
+
+            self._sent_events = EventDispatcher(self.broker, default_origin().partition("@")[2] or "")
+        self._sent_events.send(
+            "task-sent", uuid=headers["id"], root_id=headers.get("root_id"),
+            parent_id=headers.get("parent_id"), name=headers["task"], args=headers.get("argsrepr"),
+            kwargs=headers.get("kwargsrepr"), retries=headers.get("retries"), eta=headers.get("eta"),
+            expires=headers.get("expires"), queue=queue, exchange=exchange, routing_key=routing_key)
+
+
+    def _utc(self, value: dt.datetime | str) -> dt.datetime:
+        """A user's ``eta``/``expires`` (datetime or ISO 8601 string) in UTC; naive values are
+        UTC, or wall-clock time in ``timezone`` with ``enable_utc=False``."""
+        local = dt.timezone.utc if self.conf.get("enable_utc", True) else self.timezone
+        return _to_utc(parse_iso8601(value, local) if isinstance(value, str) else value, local)
 
 
 def _sig_list(value: Any) -> list[dict[str, Any]] | None:
@@ -406,21 +480,65 @@ def _sig_list(value: Any) -> list[dict[str, Any]] | None:
 Celery = Celeriac
 
 
-def shared_task(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
-    """Define a task for every app, current and future (for reusable libraries)."""
-    def decorate(func: Callable[..., Any]) -> Any:
-        def register(app: Celeriac) -> Any:
-            name = options.get("name") or app.gen_task_name(func)
-            if name in app.tasks:
-                return app.tasks[name]
-            return app.task(**options)(func)
+class SharedTask:
+    """A task defined with ``@shared_task``: bound to the current app when it is used.
 
-        _shared_tasks.append(register)
-        created = [register(app) for app in _apps]
-        if created:
-            return created[-1]
-        # No app exists yet: register with a default one so the task is still callable.
-        return register(Celeriac())
+    Every attribute and method is the one of the task registered in the current app
+    (:func:`celeriac.current.current_app`), looked up at call time, so a module imported before
+    the app was created still sends to that app's broker. Every app registers it as well, so a
+    worker of any app runs it.
+    """
+
+    def __init__(self, fn: Callable[..., Any], options: dict[str, Any]) -> None:
+        self.__wrapped__ = fn
+        self._options = options
+        functools.update_wrapper(self, fn, updated=())
+
+    def task_for(self, app: Celeriac) -> Task[Any, Any]:
+        """This task as registered in ``app`` (registered now if it is not yet)."""
+        name = self._options.get("name") or app.gen_task_name(self.__wrapped__)
+        found = app.tasks.get(name)
+        if found is None:
+            found = app.task(**dict(self._options))(self.__wrapped__)
+        return found
+
+    @property
+    def app(self) -> Celeriac:
+        """The current app (raises ``ImproperlyConfigured`` when none exists)."""
+        return current.current_app()
+
+    @property
+    def task(self) -> Task[Any, Any]:
+        """The task registered in the current app."""
+        return self.task_for(current.current_app())
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.task, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the body inline (no app needed unless the task is bound)."""
+        if not self._options.get("bind") and current.get_current_app() is None:
+            return self.__wrapped__(*args, **kwargs)
+        return self.task(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<@shared_task: {self._options.get('name') or self.__wrapped__.__qualname__}>"
+
+
+def shared_task(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
+    """Define a task for every app, current and future (for reusable libraries, Django apps).
+
+    Returns a :class:`SharedTask`: ``add.delay()`` sends with the app that is current at call
+    time, so the module may be imported before the app is created.
+    """
+    def decorate(func: Callable[..., Any]) -> SharedTask:
+        shared = SharedTask(func, dict(options))
+        _shared_tasks.append(shared)
+        for app in current.all_apps():
+            shared.task_for(app)
+        return shared
 
     if fn is not None and callable(fn) and not options:
         return decorate(fn)

@@ -4,12 +4,17 @@ Precedence, lowest first: defaults, ``Celeriac(**settings)`` and ``config_from_o
 ``app.conf.update`` / attribute assignment, then the environment variables
 ``CELERIAC_BROKER_URL`` and ``CELERIAC_RESULT_BACKEND`` (deployment beats code), then the command
 line (``-b``, ``--result-backend``).
+
+Every setting in :data:`DEFAULTS` is honoured. Celery settings that Celeriac does not implement
+are listed in :data:`UNSUPPORTED` with the reason: setting one logs a warning instead of being
+silently ignored.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import importlib
+import logging
 import os
 import types
 from collections.abc import Iterator, Mapping
@@ -17,7 +22,9 @@ from typing import Any
 
 from celeriac.exceptions import ImproperlyConfigured
 
-__all__ = ["DEFAULTS", "DEFAULT_BROKER_URL", "Settings"]
+__all__ = ["DEFAULTS", "DEFAULT_BROKER_URL", "UNSUPPORTED", "Settings"]
+
+logger = logging.getLogger("celeriac")
 
 DEFAULT_BROKER_URL = "sqlite:///celeriac-broker.db"
 
@@ -25,15 +32,12 @@ DEFAULTS: dict[str, Any] = {
     "broker_url": None,
     "broker_transport_options": {},
     "broker_connection_retry": True,
-    "broker_connection_retry_on_startup": True,
     "broker_connection_max_retries": 100,
     "broker_heartbeat": 120,
     "result_backend": None,
     "result_backend_transport_options": {},
     "result_serializer": "json",
-    "result_accept_content": None,
     "result_expires": dt.timedelta(days=1),
-    "result_extended": False,
     "result_persistent": False,
     "task_default_queue": "celery",
     "task_default_exchange": None,
@@ -66,13 +70,29 @@ DEFAULTS: dict[str, Any] = {
     "worker_concurrency": None,
     "worker_prefetch_multiplier": 4,
     "worker_disable_rate_limits": False,
-    "worker_deduplicate_successful_tasks": False,
     "worker_send_task_events": False,
-    "worker_hijack_root_logger": True,
-    "worker_max_tasks_per_child": None,
-    "control_exchange": "celery",
-    "event_exchange": "celeryev",
 }
+
+#: Celery settings Celeriac accepts but does not implement, with what to do instead. Setting one
+#: logs a warning (once per name and process).
+UNSUPPORTED: dict[str, str] = {
+    "broker_connection_retry_on_startup": "the worker retries its first connection like later "
+                                          "ones, per broker_connection_retry",
+    "result_accept_content": "results are decoded with the result_serializer's content type",
+    "result_extended": "stored results carry Celery's basic fields only",
+    "worker_deduplicate_successful_tasks": "use idempotent tasks with acks_late",
+    "worker_hijack_root_logger": "the worker configures logging only when run from the CLI",
+    "worker_max_tasks_per_child": "use the worker's --max-tasks-per-child option (process pools)",
+    "worker_max_memory_per_child": "restart workers from your process supervisor",
+    "control_exchange": "remote control always uses Celery's default 'celery.pidbox' exchange",
+    "event_exchange": "events always use Celery's default 'celeryev' exchange",
+    "task_protocol": "Celeriac always sends protocol 2 (and reads 1 and 2)",
+    "task_compression": "messages are sent uncompressed",
+    "result_compression": "results are stored uncompressed",
+    "worker_pool_restarts": "pool restarts by remote control are not implemented",
+    "worker_autoscaler": "autoscaling is not implemented",
+}
+_warned: set[str] = set()
 
 _ENV_OVERRIDES = {"broker_url": "CELERIAC_BROKER_URL", "result_backend": "CELERIAC_RESULT_BACKEND"}
 
@@ -121,6 +141,10 @@ class Settings(Mapping[str, Any]):
         self[key] = value
 
     def __setitem__(self, key: str, value: Any) -> None:
+        if key in UNSUPPORTED and key not in _warned and value is not None:
+            _warned.add(key)
+            logger.warning("The setting %s is not supported by Celeriac and is ignored: %s.",
+                           key, UNSUPPORTED[key])
         self._data[key] = value
         object.__setattr__(self, "_changes", self._changes + 1)
 

@@ -299,14 +299,34 @@ class Task(Generic[P, R]):
                     raise
                 import traceback
 
-                result = EagerResult(task_id, exc, states.FAILURE, traceback=traceback.format_exc(),
+                trace = traceback.format_exc()
+                result = EagerResult(task_id, exc, states.FAILURE, traceback=trace,
                                      app=self.app, name=self.name)
+                self._store_eager(task_id, states.FAILURE, exc, trace, options)
                 self._run_eager_links(link_error, (task_id,))
                 return result
             finally:
                 pop_request()
+            self._store_eager(task_id, states.SUCCESS, retval, None, options)
             self._run_eager_links(link, (retval,))
             return EagerResult(task_id, retval, states.SUCCESS, app=self.app, name=self.name)
+
+    def _store_eager(self, task_id: str, state: str, result: Any, trace: str | None,
+                     options: dict[str, Any]) -> None:
+        """Store an eager run's outcome when ``task_store_eager_result`` is on (as Celery does;
+        not for ignored results unless a failure and ``store_errors_even_if_ignored``)."""
+        if not self.app.conf.get("task_store_eager_result"):
+            return
+        ignored = options.get("ignore_result")
+        if ignored if ignored is not None else self.ignore_result:
+            if state != states.FAILURE or not self.store_errors_even_if_ignored:
+                return
+        backend = self.app.backend
+        if backend is not None:
+            from celeriac.backends.base import make_meta
+
+            backend.store(task_id, make_meta(task_id, state, result, traceback=trace),
+                          correlation_id=task_id)
 
     @staticmethod
     def _run_eager_links(links: Any, args: tuple[Any, ...]) -> None:
@@ -316,7 +336,11 @@ class Task(Generic[P, R]):
             link.apply(args)
 
     def _autoretry_countdown(self, exc: BaseException, retries: int) -> float | None:
-        """The countdown for an automatic retry of ``exc``, or None when it must not retry."""
+        """The countdown for an automatic retry of ``exc``, or None when it must not retry.
+
+        The retry itself is ``self.retry(exc=exc, countdown=..., **self.autoretry_options())``:
+        ``retry_kwargs`` (``max_retries`` included) apply to automatic retries only.
+        """
         if not self.autoretry_for or not isinstance(exc, self.autoretry_for):
             return None
         if self.dont_autoretry_for and isinstance(exc, self.dont_autoretry_for):
@@ -328,6 +352,11 @@ class Task(Generic[P, R]):
             factor = 1.0 if self.retry_backoff is True else float(self.retry_backoff)
             return backoff_countdown(factor, retries, self.retry_backoff_max, self.retry_jitter)
         return float(self.retry_kwargs.get("countdown", self.default_retry_delay))
+
+    def autoretry_options(self) -> dict[str, Any]:
+        """The ``retry()`` options of an automatic retry: ``retry_kwargs`` without the countdown
+        (computed by :meth:`_autoretry_countdown`, backoff included)."""
+        return {k: v for k, v in self.retry_kwargs.items() if k not in ("countdown", "eta", "exc")}
 
     # -- retries ------------------------------------------------------------------------------
 
