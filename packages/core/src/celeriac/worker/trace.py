@@ -93,8 +93,10 @@ class Tracer:
         """Execute ``request`` completely (state, canvas, ack). Never raises."""
         try:
             self._run(request)
-        except BaseException:  # the last line of defence: a worker thread must never die
+        except BaseException as exc:  # the last line of defence: a worker thread must never die
             logger.exception("Internal error while running task %s[%s]", request.name, request.id)
+            # A final state whatever the path, so get() does not hang (a stored SUCCESS is kept).
+            self.store(request, states.FAILURE, exc, tb.format_exc())
             self.reject(request, requeue=False)
         return request
 
@@ -147,18 +149,24 @@ class Tracer:
             if not isinstance(exc, Exception) and not _is_time_limit(exc):
                 raise
             countdown = task._autoretry_countdown(exc, context.retries)
+            trace = None
             if countdown is not None:
                 push_request(context)
                 try:
-                    task.retry(exc=exc, countdown=countdown)
+                    task.retry(exc=exc, countdown=countdown, **task.autoretry_options())
                 except Retry as retry_exc:
                     pop_request()
                     self._on_retry(request, retry_exc)
                     return
+                except Exception as final:  # no retry left, or the re-send failed: a FAILURE
+                    pop_request()
+                    if final is not exc:
+                        trace = "".join(tb.format_exception(type(final), final, final.__traceback__))
+                        exc = final
                 except BaseException:
                     pop_request()
                     raise
-            trace = tb.format_exc()
+            trace = trace or tb.format_exc()
             runtime = time.monotonic() - request.started_at
             logger.error("Task %s[%s] raised unexpected: %r (%.4fs)\n%s", request.name, request.id,
                          exc, runtime, trace)
