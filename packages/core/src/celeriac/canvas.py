@@ -18,7 +18,7 @@ from celeriac.exceptions import ImproperlyConfigured
 
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
-    from celeriac.result import AsyncResult, GroupResult
+    from celeriac.result import GroupResult
 
 __all__ = [
     "Signature",
@@ -32,16 +32,23 @@ __all__ = [
     "xstarmap",
 ]
 
-# Options that describe where a task sits in a workflow and only belong to one message.
+# Options that place a task inside a workflow (chord membership); they belong to the step that
+# reports to the chord: the last step of a chain, the body of a nested chord.
 _WORKFLOW_OPTIONS = ("chord", "group_id", "group_index")
 
 
 def _default_app() -> Celeriac:
-    from celeriac.app import _apps
+    from celeriac.current import current_app
 
-    if not _apps:
-        raise ImproperlyConfigured("No Celeriac app exists yet; create one before using signatures.")
-    return _apps[-1]
+    return current_app()
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
 
 
 class Signature(dict[str, Any]):
@@ -148,11 +155,20 @@ class Signature(dict[str, Any]):
         return (tuple(args or ()) + tuple(self.args), {**self.kwargs, **(kwargs or {})},
                 merged_options)
 
+    def _partial_args(self, args: Any) -> tuple[Any, ...]:
+        """Call-time ``args`` completed by the stored ones (composites pass them to members)."""
+        if self.immutable:
+            return tuple(self.args)
+        return tuple(args or ()) + tuple(self.args)
+
     def clone(self, args: Any = None, kwargs: Any = None, **options: Any) -> Signature:
         """A copy with ``args`` prepended, ``kwargs`` merged and ``options`` laid over."""
+        import copy
+
         new_args, new_kwargs, new_options = self._merge(args, kwargs, options)
         data = dict(self)
-        data.update(args=list(new_args), kwargs=new_kwargs, options=new_options)
+        data.update(args=list(new_args), kwargs=copy.deepcopy(new_kwargs),
+                    options=copy.deepcopy(new_options))
         return type(self).from_dict(data, self._app)
 
     partial = clone
@@ -168,20 +184,38 @@ class Signature(dict[str, Any]):
         """Make this signature (im)mutable."""
         self["immutable"] = immutable
 
+    def _append_option(self, key: str, value: Any) -> Any:
+        items = self.options.get(key)
+        if not isinstance(items, list):
+            items = self.options[key] = _as_list(items)
+        if value not in items:
+            items.append(value)
+        return value
+
     def link(self, callback: Signature) -> Signature:
         """Call ``callback`` with this task's result when it succeeds; return ``callback``."""
-        self.options.setdefault("link", []).append(callback)
-        return callback
+        return self._append_option("link", callback)  # type: ignore[no-any-return]
 
     def link_error(self, errback: Signature) -> Signature:
-        """Call ``errback`` with the failed task's id when it fails; return ``errback``."""
-        self.options.setdefault("link_error", []).append(errback)
-        return errback
+        """Call ``errback`` when this task fails; return ``errback``.
 
-    def freeze(self, _id: str | None = None, group_id: str | None = None,
+        An errback whose task takes one argument is sent with the failed task's id; one that
+        takes more (``(request, exc, traceback)``) is called inline in the worker, as in Celery.
+        """
+        return self._append_option("link_error", errback)  # type: ignore[no-any-return]
+
+    def on_error(self, errback: Signature) -> Signature:
+        """:meth:`link_error` that returns this signature (``add.s(1, 2).on_error(eb).delay()``)."""
+        self.link_error(errback)
+        return self
+
+    def freeze(self, _id: str | None = None, group_id: str | None = None, chord: Any = None,
                root_id: str | None = None, parent_id: str | None = None,
-               group_index: int | None = None) -> AsyncResult:
-        """Assign the task id now (and workflow ids when given); return its result handle."""
+               group_index: int | None = None) -> Any:
+        """Assign the task id now (and the workflow options given); return its result handle.
+
+        An id already assigned is kept, so freezing twice gives the same handle.
+        """
         from celeriac.result import AsyncResult
 
         opts = self.options
@@ -189,10 +223,16 @@ class Signature(dict[str, Any]):
         opts["task_id"] = task_id
         # Results of later steps go to the caller's reply queue (rpc://), as Celery does.
         opts.setdefault("reply_to", self.app.thread_oid)
-        for key, value in (("group_id", group_id), ("root_id", root_id),
-                           ("parent_id", parent_id), ("group_index", group_index)):
-            if value is not None and not opts.get(key):
-                opts[key] = value
+        if root_id:
+            opts["root_id"] = root_id
+        if parent_id:
+            opts["parent_id"] = parent_id
+        if group_id and not opts.get("group_id"):
+            opts["group_id"] = group_id
+        if chord is not None:
+            opts["chord"] = chord
+        if group_index is not None:
+            opts["group_index"] = group_index
         return AsyncResult(task_id, app=self.app, task_name=self.name)
 
     # -- calling ------------------------------------------------------------------------------
@@ -208,6 +248,7 @@ class Signature(dict[str, Any]):
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         """Send the task; returns an :class:`AsyncResult` (``EagerResult`` when eager)."""
+        options = {k: v for k, v in options.items() if v is not None}
         new_args, new_kwargs, new_options = self._merge(args, kwargs, options)
         if self.app.conf.get("task_always_eager"):
             return self.apply(args, kwargs, **options)
@@ -233,7 +274,7 @@ class Signature(dict[str, Any]):
 
     def __or__(self, other: Any) -> Signature:  # type: ignore[override]
         if isinstance(other, _chain):
-            return _chain(self, *other.tasks, app=self._app)
+            return _chain(self, *other._unchained(), app=self._app)
         if isinstance(other, Signature):
             return _chain(self, other, app=self._app)
         return NotImplemented
@@ -282,19 +323,69 @@ def signature(varies: Any, *args: Any, **kwargs: Any) -> Signature:
 subtask = signature
 
 
-def _flatten_tasks(tasks: Iterable[Any], app: Celeriac | None) -> list[Signature]:
-    result: list[Signature] = []
+def chord_size(sig: Any, app: Celeriac | None = None) -> int:
+    """How many completions ``sig`` contributes as a chord header member.
+
+    A task counts one; a group the sum of its members; a chain what its last step counts (it
+    is the last step that reports to the chord); a nested chord what its body counts (the body
+    reports to the outer chord).
+    """
+    sig = maybe_signature(sig, app)
+    if isinstance(sig, group):
+        return sum(chord_size(m, app) for m in sig._members())
+    if isinstance(sig, _chain):
+        for step in reversed(sig._steps()):
+            size = chord_size(step, app)
+            if size:
+                return size
+        return 0
+    if isinstance(sig, chord):
+        return chord_size(sig.body, app) if sig.body is not None else 0
+    if isinstance(sig, chunks):
+        return chord_size(sig.group(), app)
+    return 1
+
+
+def _result_leaves(result: Any) -> list[Any]:
+    from celeriac.result import ResultSet
+
+    if isinstance(result, ResultSet):
+        leaves: list[Any] = []
+        for member in result.results:
+            leaves.extend(_result_leaves(member))
+        return leaves
+    return [result]
+
+
+def _attach_parent(result: Any, parent: Any) -> None:
+    """Make ``parent`` the parent of the first node of ``result``'s parent chain."""
+    node = result
+    seen: set[int] = set()
+    while getattr(node, "parent", None) is not None and id(node) not in seen:
+        seen.add(id(node))
+        node = node.parent
+    if node is not parent:
+        node.parent = parent
+
+
+def _splice(tasks: Iterable[Any], app: Celeriac | None) -> list[Signature]:
+    """Copies of ``tasks`` with nested chains spliced in (keeping their links)."""
+    flat: list[Signature] = []
     for task in tasks:
         sig = maybe_signature(task, app)
         if isinstance(sig, _chain):
-            result.extend(sig.tasks)
+            flat.extend(_splice(sig._unchained(), app))
         else:
-            result.append(sig)
-    return result
+            flat.append(sig.clone())
+    return flat
 
 
 class _chain(Signature):
-    """Tasks run one after the other, each receiving the previous result."""
+    """Tasks run one after the other, each receiving the previous result.
+
+    Links set on the chain go to its last step when it is sent, error links to every step, so
+    they fire whichever step fails (and survive extending the chain with ``|``).
+    """
 
     subtask_type_name = "chain"
 
@@ -307,8 +398,7 @@ class _chain(Signature):
         if len(tasks) == 1 and not isinstance(tasks[0], dict) and isinstance(tasks[0], Iterable):
             tasks = tuple(tasks[0])
         app = app or next((getattr(t, "_app", None) for t in tasks if getattr(t, "_app", None)), None)
-        super().__init__("celery.chain", (), {"tasks": _flatten_tasks(tasks, app)}, options,
-                         app=app)
+        super().__init__("celery.chain", (), {"tasks": _splice(tasks, app)}, options, app=app)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], app: Celeriac | None = None) -> Signature:
@@ -319,67 +409,108 @@ class _chain(Signature):
         """The steps."""
         return self.kwargs["tasks"]  # type: ignore[no-any-return]
 
+    def _unchained(self) -> list[Signature]:
+        """Copies of the steps carrying the chain's links: callbacks on the last step, error
+        callbacks on every step."""
+        steps = [t.clone() for t in self.tasks]
+        if steps:
+            for callback in _as_list(self.options.get("link")):
+                steps[-1].link(maybe_signature(callback, self._app))
+            for errback in _as_list(self.options.get("link_error")):
+                for step in steps:
+                    step.link_error(maybe_signature(errback, self._app))
+        return steps
+
     def __or__(self, other: Any) -> Signature:  # type: ignore[override]
         if isinstance(other, _chain):
-            return _chain(*self.tasks, *other.tasks, app=self._app)
+            return _chain(*self._unchained(), *other._unchained(), app=self._app)
         if isinstance(other, Signature):
-            return _chain(*self.tasks, other, app=self._app)
+            return _chain(*self._unchained(), other, app=self._app)
         return NotImplemented
 
     def __repr__(self) -> str:
         return " | ".join(repr(t) for t in self.tasks) if self.tasks else "chain()"
 
-    def _prepared_steps(self) -> list[Signature]:
-        steps = [t.clone() for t in self.tasks]
-        index = 0
-        while index < len(steps) - 1:
-            step = steps[index]
+    def _steps(self, args: Any = None, kwargs: Any = None) -> list[Signature]:
+        """The steps as sent: nested chains spliced in, a group or chord followed by more steps
+        turned into a chord whose body is the rest of the chain."""
+        flat = _splice(self.tasks, self._app)
+        if flat and (args or kwargs):
+            flat[0] = flat[0].clone(args, kwargs)
+        for index, step in enumerate(flat[:-1]):
+            rest = flat[index + 1:]
+            tail = rest[0] if len(rest) == 1 else _chain(*rest, app=self._app)
             if isinstance(step, group):
-                steps[index] = chord(step, body=steps.pop(index + 1), app=self._app)
-            index += 1
-        return steps
+                return flat[:index] + [chord(step, tail, app=self._app)]
+            if isinstance(step, chord) and step.body is not None:
+                folded = chord(step.header, _chain(step.body, tail, app=self._app),
+                               app=self._app, **step.options)
+                folded["args"] = list(step.args)
+                return flat[:index] + [folded]
+        return flat
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.apply_async(args, kwargs)
 
-    def freeze(self, _id: str | None = None, group_id: str | None = None,
+    def _freeze_steps(self, steps: list[Signature], _id: str | None, group_id: str | None,
+                      chord_body: Any, group_index: int | None, root_id: str | None) -> list[Any]:
+        results: list[Any] = []
+        last = len(steps) - 1
+        for index, step in enumerate(steps):
+            if index == last:
+                frozen = step.freeze(_id, group_id=group_id, chord=chord_body,
+                                     group_index=group_index, root_id=root_id)
+            else:
+                frozen = step.freeze(root_id=root_id)
+            if results:
+                _attach_parent(frozen, results[-1])
+            results.append(frozen)
+        return results
+
+    def freeze(self, _id: str | None = None, group_id: str | None = None, chord: Any = None,
                root_id: str | None = None, parent_id: str | None = None,
-               group_index: int | None = None) -> AsyncResult:
-        steps = self._prepared_steps()
+               group_index: int | None = None) -> Any:
+        """Assign every step's id (the workflow options go to the last step); return the last
+        step's result handle."""
+        steps = self._steps()
+        if not steps:
+            raise ValueError("Cannot freeze an empty chain.")
+        _id = _id or self.options.get("task_id")
+        results = self._freeze_steps(steps, _id, group_id, chord, group_index, root_id)
         self.kwargs["tasks"] = steps
-        result: Any = None
-        for step in steps:
-            frozen = step.freeze(root_id=root_id)
-            if result is not None:
-                frozen.parent = result
-            result = frozen
-        return result  # type: ignore[no-any-return]
+        self.options["task_id"] = steps[-1].id
+        return results[-1]
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        """Send the first step with the rest in ``embed.chain``; return the last step's result."""
         if self.app.conf.get("task_always_eager"):
             return self.apply(args, kwargs, **options)
-        steps = self._prepared_steps()
+        options = {**self.options, **{k: v for k, v in options.items() if v is not None}}
+        steps = self._steps(self._partial_args(args) if args else None, kwargs)
         if not steps:
             raise ValueError("Cannot send an empty chain.")
-        options = {**self.options, **options}
-        tail_options = {k: options.pop(k) for k in _WORKFLOW_OPTIONS if k in options}
-        inherited_chain = options.pop("chain", None) or []
-        if tail_options:
-            steps[-1] = steps[-1].clone(**tail_options)
-        results: list[Any] = []
-        for step in steps:
-            frozen = step.freeze()
-            if results:
-                frozen.parent = results[-1]
-            results.append(frozen)
+        for callback in _as_list(options.pop("link", None)):
+            steps[-1].link(maybe_signature(callback, self._app))
+        for errback in _as_list(options.pop("link_error", None)):
+            for step in steps:
+                step.link_error(maybe_signature(errback, self._app))
+        task_id = options.pop("task_id", None)
+        group_id = options.pop("group_id", None)
+        group_index = options.pop("group_index", None)
+        chord_body = options.pop("chord", None)
+        inherited = list(options.pop("chain", None) or [])
+        results = self._freeze_steps(steps, task_id, group_id, chord_body, group_index,
+                                     options.get("root_id"))
         remaining = [dict(s) for s in reversed(steps[1:])]
-        first = steps[0]
-        first.apply_async(args, kwargs, chain=list(inherited_chain) + remaining or None, **options)
+        sent = steps[0].apply_async(chain=inherited + remaining or None, **options)
+        if len(steps) == 1:
+            return sent
         return results[-1]
 
     def apply(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        """Run every step here and now; returns the last ``EagerResult``."""
         result: Any = None
-        for index, step in enumerate(self._prepared_steps()):
+        for index, step in enumerate(self._steps()):
             if index == 0:
                 result = step.apply(args, kwargs, **options)
             else:
@@ -425,11 +556,26 @@ class group(Signature):
     def _members(self) -> list[Signature]:
         flat: list[Signature] = []
         for task in self.tasks:
-            if isinstance(task, group):
-                flat.extend(task._members())
+            sig = maybe_signature(task, self._app)
+            if isinstance(sig, group):
+                flat.extend(sig._members())
             else:
-                flat.append(task)
+                flat.append(sig)
         return flat
+
+    def link(self, callback: Signature) -> Signature:
+        """Call ``callback`` (made immutable) once, when the first member succeeds."""
+        members = self._members()
+        if members:
+            members[0].link(maybe_signature(callback, self._app).clone().set(immutable=True))
+        return callback
+
+    def link_error(self, errback: Signature) -> Signature:
+        """Give every member ``errback`` (made immutable): it runs once per failing member."""
+        errback = maybe_signature(errback, self._app)
+        for member in self._members():
+            member.link_error(errback.clone().set(immutable=True))
+        return errback
 
     def __or__(self, other: Any) -> Signature:  # type: ignore[override]
         if isinstance(other, Signature) and not isinstance(other, group):
@@ -442,37 +588,53 @@ class group(Signature):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.apply_async(args, kwargs)
 
-    def freeze(  # type: ignore[override]
-        self, _id: str | None = None, group_id: str | None = None,
+    def freeze(self, _id: str | None = None, group_id: str | None = None, chord: Any = None,
                root_id: str | None = None, parent_id: str | None = None,
                group_index: int | None = None) -> GroupResult:
+        """Assign the group id and every member's id; members of a group that is itself part
+        of a chord (``group_id``/``chord`` given) report to that chord."""
         from celeriac.result import GroupResult
 
         gid = self.options.get("task_id") or _id or str(uuid.uuid4())
         self.options["task_id"] = gid
-        results = [m.freeze(group_id=gid, group_index=i) for i, m in enumerate(self._members())]
+        members = self._members()
+        results = [m.freeze(group_id=group_id or gid, chord=chord, root_id=root_id,
+                            group_index=i if group_index is None else group_index)
+                   for i, m in enumerate(members)]
+        self.kwargs["tasks"] = members
         return GroupResult(gid, results, app=self.app)
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        """Send one message per member; return their :class:`GroupResult`."""
         from celeriac.result import GroupResult
 
         if self.app.conf.get("task_always_eager"):
             return self.apply(args, kwargs, **options)
-        options = {**self.options, **options}
-        gid = options.pop("task_id", None) or options.pop("group_id", None) or str(uuid.uuid4())
-        options.pop("group_id", None)
-        options.pop("group_index", None)
+        options = {**self.options, **{k: v for k, v in options.items() if v is not None}}
+        args = self._partial_args(args)
+        gid = options.pop("task_id", None) or str(uuid.uuid4())
+        member_gid = options.pop("group_id", None) or gid
+        group_index = options.pop("group_index", None)
         chord_body = options.pop("chord", None)
-        members = self._members()
-        if chord_body is not None and self.app.backend is not None:
-            self.app.backend.set_chord_size(gid, len(members))
+        options.pop("chain", None)
+        callbacks = _as_list(options.pop("link", None))
+        errbacks = _as_list(options.pop("link_error", None))
+        members = [m.clone() for m in self._members()]
+        for callback in callbacks:
+            for member in members:
+                member.link(maybe_signature(callback, self._app))
+        for errback in errbacks:
+            for member in members:
+                member.link_error(maybe_signature(errback, self._app))
         results = []
         for index, member in enumerate(members):
-            results.append(member.apply_async(args, kwargs, group_id=gid, group_index=index,
-                                              chord=chord_body, **options))
+            results.append(member.apply_async(
+                args, kwargs, group_id=member_gid, chord=chord_body,
+                group_index=index if group_index is None else group_index, **options))
         return GroupResult(gid, results, app=self.app)
 
     def apply(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        """Run every member here and now; returns a :class:`GroupResult` of eager results."""
         from celeriac.result import GroupResult
 
         gid = options.pop("task_id", None) or str(uuid.uuid4())
@@ -480,7 +642,11 @@ class group(Signature):
 
 
 class chord(Signature):
-    """``chord(header, body)``: run the header group, then ``body`` with the list of results."""
+    """``chord(header, body)``: run the header group, then ``body`` with the list of results.
+
+    Links set on the chord go to its body: ``link_error`` runs once whether a header member
+    or the body fails (header members also get it with ``task_allow_error_cb_on_chord_header``).
+    """
 
     subtask_type_name = "chord"
 
@@ -489,8 +655,11 @@ class chord(Signature):
         if isinstance(header, dict) and header.get("subtask_type") == "chord" and body is None:
             super().__init__(header, app=app)
             kw = self.kwargs
-            kw["header"] = group(*[maybe_signature(t, self._app) for t in _header_tasks(kw["header"])],
-                                 app=self._app)
+            header_data = kw["header"]
+            header_options = dict(header_data.get("options") or {}) \
+                if isinstance(header_data, dict) and header_data.get("subtask_type") == "group" else {}
+            kw["header"] = group(*[maybe_signature(t, self._app) for t in _header_tasks(header_data)],
+                                 app=self._app, **header_options)
             kw["body"] = maybe_signature(kw["body"], self._app) if kw.get("body") else None
             return
         header_group = header if isinstance(header, group) else group(*list(header or []), app=app)
@@ -514,6 +683,36 @@ class chord(Signature):
         """The callback that receives the header's results."""
         return self.kwargs.get("body")
 
+    @property
+    def tasks(self) -> list[Signature]:
+        """The header's members."""
+        return self.header.tasks
+
+    def clone(self, args: Any = None, kwargs: Any = None, **options: Any) -> Signature:
+        """A copy (header and body copied too)."""
+        copied = super().clone(args, kwargs, **options)
+        assert isinstance(copied, chord)
+        copied.kwargs["header"] = self.header.clone()
+        if self.body is not None:
+            copied.kwargs["body"] = self.body.clone()
+        return copied
+
+    def link(self, callback: Signature) -> Signature:
+        """Call ``callback`` with the body's result (links go to the body)."""
+        if self.body is None:
+            return self._append_option("link", callback)  # type: ignore[no-any-return]
+        return self.body.link(callback)
+
+    def link_error(self, errback: Signature) -> Signature:
+        """Call ``errback`` once when the chord fails (a header member or the body)."""
+        errback = maybe_signature(errback, self._app)
+        if self.app.conf.get("task_allow_error_cb_on_chord_header", False):
+            for member in self.header.tasks:
+                maybe_signature(member, self._app).link_error(errback.clone().set(immutable=True))
+        if self.body is None:
+            return self._append_option("link_error", errback)  # type: ignore[no-any-return]
+        return self.body.link_error(errback)
+
     def __repr__(self) -> str:
         return f"chord({self.header!r}, {self.body!r})"
 
@@ -523,21 +722,29 @@ class chord(Signature):
             return chord(self.header, body, app=self._app, **self.options).apply_async(**options)
         return self.apply_async((body,) if body is not None else None, **options)
 
-    def freeze(self, _id: str | None = None, group_id: str | None = None,
+    def freeze(self, _id: str | None = None, group_id: str | None = None, chord: Any = None,
                root_id: str | None = None, parent_id: str | None = None,
-               group_index: int | None = None) -> AsyncResult:
-        if self.body is None:
+               group_index: int | None = None) -> Any:
+        """Assign the body's id (the chord's result) and the header's ids."""
+        body = self.body
+        if body is None:
             raise ValueError("A chord needs a body before it can be sent.")
-        result = self.body.freeze(_id, root_id=root_id)
+        result = body.freeze(_id or self.options.get("task_id"), group_id=group_id, chord=chord,
+                             group_index=group_index, root_id=root_id)
+        gid = self.header.options.get("task_id") or str(uuid.uuid4())
+        self.header.options["task_id"] = gid
+        header_result = self.header.freeze(gid, root_id=root_id)
+        _attach_parent(result, header_result)
         self.options["task_id"] = result.id
         return result
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
-        from celeriac.result import GroupResult
+        """Send the header with the body embedded; return the body's result."""
+        from celeriac.result import AsyncResult, GroupResult
 
         if self.app.conf.get("task_always_eager"):
             return self.apply(args, kwargs, **options)
-        body = self.body
+        body = (kwargs or {}).get("body") or self.body
         if body is None:
             raise ValueError("A chord needs a body: chord(header, body) or chord(header)(body).")
         backend = self.app.backend
@@ -546,33 +753,44 @@ class chord(Signature):
                 "Chords need a result backend to join the header's results. Configure one, "
                 "e.g. Celeriac(..., backend='sqlite:///results.db') or 'redis://localhost:6379/0'."
             )
-        options = {**self.options, **options}
-        body = body.clone()
-        body_id = body.options.get("task_id") or options.pop("task_id", None) or str(uuid.uuid4())
+        options = {**self.options, **{k: v for k, v in options.items() if v is not None}}
+        args = self._partial_args(args)
+        body = maybe_signature(body, self._app).clone()
+        body_id = body.id or options.pop("task_id", None)
         options.pop("task_id", None)
-        gid = str(uuid.uuid4())
-        body.options["task_id"] = body_id
-        body.options.setdefault("group_id", gid)
-        body.options.setdefault("reply_to", self.app.thread_oid)
+        for callback in _as_list(options.pop("link", None)):
+            body.link(maybe_signature(callback, self._app))
+        for errback in _as_list(options.pop("link_error", None)):
+            body.link_error(maybe_signature(errback, self._app))
         chain_rest = options.pop("chain", None)
         if chain_rest:
-            body.options["chain"] = list(body.options.get("chain") or []) + list(chain_rest)
-        for key in _WORKFLOW_OPTIONS:
-            value = options.pop(key, None)
-            if value is not None and key != "group_id":
-                body.options[key] = value
-        members = self.header._members()
-        from celeriac.result import AsyncResult
-
+            rest = [maybe_signature(s, self._app) for s in reversed(chain_rest)]
+            body = _chain(body, *rest, app=self._app)
+        group_id = options.pop("group_id", None)
+        group_index = options.pop("group_index", None)
+        outer_body = options.pop("chord", None)
+        for key in ("queue", "priority", "routing_key", "exchange", "root_id", "parent_id"):
+            if key in options:
+                body.options.setdefault(key, options[key])
+        body_result = body.freeze(body_id, group_id=group_id, chord=outer_body,
+                                  group_index=group_index, root_id=options.get("root_id"))
+        header = self.header
+        gid = header.options.get("task_id") or str(uuid.uuid4())
+        members = header._members()
         if not members:
             body.apply_async(([],))
-            return AsyncResult(body_id, app=self.app, task_name=body.name)
+            return body_result
+        backend.set_chord_size(gid, sum(chord_size(m, self._app) for m in members))
         header_result = group(*members, app=self._app).apply_async(
-            args, kwargs, task_id=gid, chord=dict(body), **options)
+            args, (kwargs and {k: v for k, v in kwargs.items() if k != "body"}) or None,
+            task_id=gid, chord=dict(body), **options)
         assert isinstance(header_result, GroupResult)
-        return AsyncResult(body_id, app=self.app, task_name=body.name, parent=header_result)
+        if isinstance(body_result, (AsyncResult, GroupResult)):
+            _attach_parent(body_result, header_result)
+        return body_result
 
     def apply(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        """Run the header then the body here and now."""
         header = self.header.apply(args, kwargs)
         if self.body is None:
             return header
@@ -597,7 +815,7 @@ class xmap(Signature):
             return
         sig = maybe_signature(task, app)
         super().__init__(self.builtin_name, (), {"task": sig, "it": list(it or [])}, options,
-                         app=app or sig._app)
+                         immutable=True, app=app or sig._app)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], app: Celeriac | None = None) -> Signature:
@@ -633,7 +851,8 @@ class chunks(Signature):
             return
         sig = maybe_signature(task, app)
         super().__init__("celery.chunks", (), {"task": sig, "it": [list(x) for x in it or []],
-                                                "n": int(n or 1)}, options, app=app or sig._app)
+                                                "n": int(n or 1)}, options, immutable=True,
+                         app=app or sig._app)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], app: Celeriac | None = None) -> Signature:

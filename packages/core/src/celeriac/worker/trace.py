@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 from celeriac import states
 from celeriac.backends.base import ResultBackend, decode_exception, encode_exception, make_meta
-from celeriac.canvas import Signature, maybe_signature
+from celeriac.canvas import Signature, group, maybe_signature
 from celeriac.exceptions import ChordError, Ignore, Reject, Retry, TaskRevokedError
 from celeriac.plugins.manager import lifecycle
-from celeriac.task import pop_request, push_request
+from celeriac.task import Context, pop_request, push_request
 
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
@@ -205,7 +205,8 @@ class Tracer:
         if self._keeps_result(request) or embed.get("chord"):
             self.store(request, states.SUCCESS, retval)
         if embed.get("chord"):
-            self._chord_part(request, states.SUCCESS, retval)
+            self._chord_part(request, headers.get("group"), headers.get("group_index"), request.id,
+                             embed["chord"], states.SUCCESS, retval)
         task = request.task
         task.on_success(retval, request.id, request.message.args, request.message.kwargs)
         if self.hooks.success is not None:
@@ -215,6 +216,7 @@ class Tracer:
 
     def _on_failure(self, request: Request, exc: BaseException, trace: str) -> None:
         embed = request.message.embed
+        headers = request.message.headers
         if self.events is not None:
             self.events.send("task-failed", uuid=request.id, exception=repr(exc), traceback=trace)
         if self._keeps_result(request, failed=True) or embed.get("chord") or embed.get("chain"):
@@ -225,12 +227,17 @@ class Tracer:
                 if step_id:
                     self.store(request, states.FAILURE, exc, trace, task_id=step_id)
         if embed.get("chord"):
-            self._chord_part(request, states.FAILURE, encode_exception(exc))
-        for errback in embed.get("errbacks") or ():
-            try:
-                maybe_signature(errback, self.app).apply_async((request.id,), parent_id=request.id)
-            except Exception:
-                logger.exception("Could not send the errback of task %s[%s]", request.name, request.id)
+            self._chord_part(request, headers.get("group"), headers.get("group_index"), request.id,
+                             embed["chord"], states.FAILURE, encode_exception(exc))
+        # A later chain step that is a chord member will never run: report it failed, or
+        # the chord would wait for it forever.
+        for step in embed.get("chain") or ():
+            options = step.get("options") or {}
+            if options.get("chord") and options.get("group_id") and options.get("task_id"):
+                self._chord_part(request, options["group_id"], options.get("group_index"),
+                                 options["task_id"], options["chord"], states.FAILURE,
+                                 encode_exception(exc))
+        self._call_errbacks(request, embed.get("errbacks"), request.context(), exc, trace)
         task = request.task
         task.on_failure(exc, request.id, request.message.args, request.message.kwargs, trace)
         if self.hooks.failure is not None:
@@ -250,17 +257,32 @@ class Tracer:
             self.hooks.retry(task=request.task, task_id=request.id, reason=exc.exc)
         self.ack(request)
 
-    def _chord_part(self, request: Request, state: str, result: Any) -> None:
-        headers = request.message.headers
-        group_id = headers.get("group")
-        body_data = request.message.embed.get("chord")
+    def _call_errbacks(self, request: Request, errbacks: Any, failed: Context,
+                       exc: BaseException, trace: str | None) -> None:
+        """Run the error callbacks of the failed task ``failed``, as Celery does: an errback
+        whose task takes more than one positional argument is called here with
+        ``(request, exc, traceback)``; the others are sent with the failed task's id."""
+        for data in errbacks or ():
+            try:
+                errback = maybe_signature(data, self.app)
+                if _takes_request(self.app.tasks.get(errback.name)):
+                    errback(failed, exc, trace)
+                else:
+                    errback.apply_async((failed.id,), parent_id=failed.id,
+                                        root_id=failed.root_id or failed.id)
+            except Exception:
+                logger.exception("The errback of task %s[%s] failed", failed.task, failed.id)
+
+    def _chord_part(self, request: Request, group_id: str | None, group_index: int | None,
+                    task_id: str, body_data: Any, state: str, result: Any) -> None:
+        """Record one finished member of chord ``group_id``; the member that completes it
+        sends the body (or fails it when a member failed)."""
         if not group_id or not body_data or self.backend is None:
             return
         try:
-            entries = self.backend.chord_part_return(group_id, headers.get("group_index"),
-                                                     request.id, state, result)
+            entries = self.backend.chord_part_return(group_id, group_index, task_id, state, result)
         except Exception:
-            logger.exception("Chord %s: could not record member %s", group_id, request.id)
+            logger.exception("Chord %s: could not record member %s", group_id, task_id)
             return
         if entries is None:
             return
@@ -275,18 +297,66 @@ class Tracer:
             body.apply_async(([res for _, _, res in entries],))
         except Exception as exc:
             logger.exception("Chord %s: could not send the body", group_id)
-            self._fail_chord_body(request, body, exc)
+            self._fail_chord_body(request, body, ChordError(f"Callback error: {exc!r}"))
 
     def _fail_chord_body(self, request: Request, body: Signature, error: BaseException) -> None:
-        body_id = body.options.get("task_id")
-        logger.error("Chord body %s[%s] failed: %s", body.name, body_id, error)
-        if body_id:
-            self.store(request, states.FAILURE, error, None, task_id=body_id)
-        for errback in body.options.get("link_error") or ():
+        """Fail a chord's body that will not run: store the error where its caller waits, run
+        its error callbacks, and report it to an enclosing chord."""
+        if isinstance(body, group):
+            targets = [maybe_signature(m, self.app) for m in body._members()]
+        else:
+            targets = [body]
+        for target in targets:
             try:
-                maybe_signature(errback, self.app).apply_async((body_id,))
+                result = target.freeze()
             except Exception:
-                logger.exception("Could not send the errback of chord body %s", body_id)
+                logger.exception("Chord body %s cannot be failed", target.name)
+                continue
+            final = _last_signature(target, self.app)
+            body_id = final.id or getattr(result, "id", None)
+            logger.error("Chord body %s[%s] failed: %s", target.name, body_id, error)
+            if body_id:
+                self.store(request, states.FAILURE, error, None, task_id=body_id)
+            options = final.options
+            if options.get("chord") and options.get("group_id") and body_id:
+                self._chord_part(request, options["group_id"], options.get("group_index"), body_id,
+                                 options["chord"], states.FAILURE, encode_exception(error))
+            fake = Context(id=body_id, task=target.name, args=list(target.args),
+                           kwargs=dict(target.kwargs), root_id=options.get("root_id"),
+                           group=options.get("group_id"), errbacks=options.get("link_error"),
+                           is_eager=False, delivery_info={})
+            self._call_errbacks(request, target.options.get("link_error"), fake, error, None)
+
+
+def _last_signature(sig: Signature, app: Celeriac) -> Signature:
+    """The signature whose result stands for ``sig`` (the last step of a chain, a chord's body)."""
+    from celeriac.canvas import _chain, chord
+
+    while True:
+        if isinstance(sig, _chain) and sig.tasks:
+            sig = maybe_signature(sig.tasks[-1], app)
+        elif isinstance(sig, chord) and sig.body is not None:
+            sig = sig.body
+        else:
+            return sig
+
+
+def _takes_request(task: Any) -> bool:
+    """True when an errback task takes ``(request, exc, traceback)`` (more than one positional
+    parameter, or ``*args``), the test Celery applies."""
+    if task is None:
+        return False
+    import inspect
+
+    try:
+        params = list(inspect.signature(task.run).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if getattr(task, "bind", False):
+        params = params[1:]
+    positional = [p for p in params
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    return any(p.kind == p.VAR_POSITIONAL for p in positional) or len(positional) > 1
 
 
 def _is_time_limit(exc: BaseException) -> bool:
