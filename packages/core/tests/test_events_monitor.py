@@ -21,7 +21,7 @@ import pytest
 
 from celeriac import states
 from celeriac.app import Celeriac
-from celeriac.cli.monitor import Monitor, detail_lines, format_row, task_columns, task_row, worker_columns
+from celeriac.cli.monitor import Monitor, _clip, detail_lines, format_row, task_columns, task_row, worker_columns
 from celeriac.events import EVENT_EXCHANGE
 from celeriac.events_state import MAX_FIELD, EventState
 from celeriac.protocol import Message
@@ -170,6 +170,11 @@ def test_rows_fit_the_screen_width(width: int) -> None:
     task.traceback = "Traceback (most recent call last):\n\tline one\x1b[31m red\n" + "word " * 100
     assert all(len(line) <= max(width, 24) for line in detail_lines(task, width))
     assert not any("\x1b" in line or "\t" in line for line in detail_lines(task, width))
+
+
+def test_wide_characters_are_clipped_by_terminal_cells() -> None:
+    assert _clip("日本語abc", 5) == "日本" and _clip("日本語abc", 8) == "日本語ab" and _clip("plain", 3) == "pla"
+    assert _clip("e\u0301e\u0301x", 2) == "e\u0301e\u0301"  # combining accents take no cell
 
 
 def test_keys_select_follow_open_and_close_the_detail_and_quit() -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from celeriac import states
 
-__all__ = ["MAX_FIELD", "TASK_EVENT_STATES", "EventState", "TaskInfo", "WorkerInfo"]
+__all__ = ["MAX_FIELD", "TASK_EVENT_STATES", "WORKER_EVENTS", "EventState", "TaskInfo", "WorkerInfo"]
 
 MAX_FIELD = 4096
 """Longest text kept for one field (args, result, traceback, ...); the rest is cut with ``...``."""
@@ -43,6 +43,7 @@ TASK_EVENT_STATES = {
 """The state a task is in after each task event type."""
 
 WORKER_EVENTS = frozenset({"worker-online", "worker-heartbeat", "worker-offline"})
+"""The worker event types (each one also counts as a sign of life, except ``worker-offline``)."""
 
 # Text fields copied from task events when present (and not None).
 _TASK_TEXT = ("name", "args", "kwargs", "result", "exception", "traceback", "root_id", "parent_id",
@@ -288,7 +289,3 @@ class EventState:
     def state_counts(self) -> Counter[str]:
         """How many tracked tasks are in each state."""
         return Counter(task.state for task in self.tasks.values())
-
-    def clear_tasks(self) -> None:
-        """Forget every task (workers are kept)."""
-        self.tasks.clear()

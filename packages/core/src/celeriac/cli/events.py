@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 __all__ = ["events"]
 
-NOT_A_TERMINAL = ("Error: the live monitor needs a terminal, and standard output is not one; "
+NOT_A_TERMINAL = ("Error: the live monitor needs a terminal (standard input and output are not both one); "
                   "use `celeriac events --dump` to print events as lines.")
 
 
@@ -31,8 +31,8 @@ def events(ctx: CLIContext, dump: bool, timeout: float | None, limit: int | None
     Without --dump this opens a live full-screen monitor, like `top`: workers (status, active and
     processed tasks, heartbeat age) and the most recent tasks (state, worker, runtime, args,
     result or exception). Up/Down or j/k select a task, Enter shows all of it, Esc goes back,
-    q or Ctrl-C quits. The monitor needs a terminal: when standard output is not one (piped,
-    redirected) it prints an error suggesting --dump and exits with status 2.
+    q or Ctrl-C quits. The monitor needs a terminal: when standard input or output is not one
+    (piped, redirected) it prints an error suggesting --dump and exits with status 2.
     """
     if not dump and not (sys.stdout.isatty() and sys.stdin.isatty()):
         click.echo(NOT_A_TERMINAL, err=True)

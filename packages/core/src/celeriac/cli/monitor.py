@@ -18,6 +18,7 @@ import signal
 import textwrap
 import threading
 import time
+import unicodedata
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,8 +31,8 @@ from celeriac.events_state import EventState, TaskInfo, WorkerInfo
 if TYPE_CHECKING:
     from celeriac.events import EventReceiver
 
-__all__ = ["Column", "EventPump", "Monitor", "format_age", "format_runtime", "run_monitor",
-           "task_columns", "task_summary"]
+__all__ = ["Column", "EventPump", "Monitor", "detail_lines", "format_age", "format_row", "format_runtime",
+           "run_monitor", "task_columns", "task_row", "task_summary", "worker_columns"]
 
 MIN_WIDTH, MIN_HEIGHT = 40, 8
 _ENTER = (10, 13, curses.KEY_ENTER)
@@ -55,6 +56,18 @@ class Column:
 def _one_line(text: str) -> str:
     """``text`` with control characters (newlines, escapes) turned into spaces."""
     return "".join(" " if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in text)
+
+
+def _clip(text: str, cells: int) -> str:
+    """The longest start of ``text`` that fits in ``cells`` terminal cells (wide characters take 2)."""
+    if text.isascii():
+        return text[:cells]
+    used = 0
+    for i, char in enumerate(text):
+        used += 0 if unicodedata.combining(char) else 2 if unicodedata.east_asian_width(char) in "WF" else 1
+        if used > cells:
+            return text[:i]
+    return text
 
 
 def format_row(values: list[str], columns: list[Column]) -> str:
@@ -224,8 +237,12 @@ class Monitor:
         """Take one item from the pump: an event, or a receive error to show."""
         if isinstance(item, BaseException):
             self.notice(f"receiving events failed: {item!r}; retrying")
-        else:
+            return
+        try:
             self.state.fold(item)
+        except Exception as exc:  # a bug must not take the screen down: count it and go on
+            self.state.malformed += 1
+            self.notice(f"could not use an event: {exc!r}")
 
     def notice(self, text: str) -> None:
         """Show ``text`` in the footer for a while."""
@@ -301,7 +318,7 @@ class Monitor:
         text = _one_line(text)
         if fill:
             text = text.ljust(width - x)
-        text = text[:width - x].encode(self.encoding, "replace").decode(self.encoding, "replace")
+        text = _clip(text, width - x).encode(self.encoding, "replace").decode(self.encoding, "replace")
         try:
             win.addstr(y, x, text, attr)
         except curses.error:  # the bottom-right cell cannot be written without scrolling
@@ -474,7 +491,8 @@ def run_monitor(receiver: EventReceiver, title: str, timeout: float | None = Non
     root = logging.getLogger()
     saved_handlers = root.handlers[:]
     root.handlers = [_NoticeHandler(monitor)]
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main else None
     deadline = None if timeout is None else time.monotonic() + timeout
     pump.start()
     try:
@@ -482,6 +500,7 @@ def run_monitor(receiver: EventReceiver, title: str, timeout: float | None = Non
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
         root.handlers = saved_handlers
         pump.stop()
