@@ -248,7 +248,7 @@ def test_remote_help_lists_every_command_on_its_own_line(command: str) -> None:
     lines = result.output.splitlines()
     listed = lines[lines.index("Commands:") + 1:]
     assert len(listed) == len(table)
-    for line, (name, (_, text)) in zip(listed, table.items()):
+    for line, (name, (_, text)) in zip(listed, table.items(), strict=True):
         assert line.split()[0] == name and line.endswith(text) and len(line) <= 80
 
 
@@ -339,5 +339,29 @@ def test_broker_and_backend_options_after_the_command(project: Any, tmp_path: pa
         status = subprocess.run([sys.executable, "-m", "celeriac", "-A", "proj", "status", "-b", broker],
                                 cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
         assert status.returncode == 0 and "1 node online" in status.stdout, status.stderr
+    finally:
+        assert worker.stop() == 0, worker.output
+
+
+def test_control_commands_change_a_running_worker(project: Any) -> None:
+    cwd, env = project
+    worker = WorkerProcess(["-A", "proj", "worker", "-l", "info", "-P", "threads", "--autoscale=3,1",
+                            "-n", "ctl@%h"], cwd, env)
+    try:
+        worker.wait_ready()
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "celeriac", "-A", "proj", *args], cwd=cwd, env=env,
+                                  capture_output=True, text=True, timeout=60)
+
+        added = run("control", "add_consumer", "images")
+        assert added.returncode == 0 and "add consumer images" in added.stdout, added.stdout + added.stderr
+        assert "images" in run("inspect", "active_queues").stdout
+        scaled = run("control", "autoscale", "5", "2")
+        assert "autoscale now max=5 min=2" in scaled.stdout, scaled.stdout + scaled.stderr
+        stats = run("inspect", "stats", "-j")
+        assert '"max": 5' in stats.stdout
+        bad = run("control", "cancel_consumer", "nope")
+        assert "ERROR" in bad.stdout and "not consuming from 'nope'" in bad.stdout
     finally:
         assert worker.stop() == 0, worker.output

@@ -231,3 +231,22 @@ def test_queued_time_does_not_count_against_the_hard_time_limit(app: Celeriac) -
         assert [r.get(timeout=20) for r in results] == [0, 1, 2, 3]
     finally:
         _stop(worker)
+
+
+def test_pool_grow_and_shrink_fork_and_retire_children(app: Celeriac) -> None:
+    worker = _worker(app, concurrency=1)
+    try:
+        pool = worker.pool
+        reply = app.control.broadcast("pool_grow", {"n": 2}, reply=True, timeout=3, limit=1)
+        assert reply == [{worker.hostname: {"ok": "pool will grow"}}]
+        assert pool.concurrency == 3 and len(pool._slots) == 3
+        pids = {app.tasks["pf.pid"].delay().get(timeout=10) for _ in range(12)}
+        assert len(pids) >= 2
+        app.control.broadcast("pool_shrink", {"n": 2}, reply=True, timeout=3, limit=1)
+        deadline = time.monotonic() + 10
+        while len(pool._slots) != 1:
+            assert time.monotonic() < deadline, "the children were not retired"
+            time.sleep(0.05)
+        assert app.tasks["pf.add"].delay(2, 2).get(timeout=10) == 4
+    finally:
+        _stop(worker)

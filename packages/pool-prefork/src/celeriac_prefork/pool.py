@@ -146,6 +146,9 @@ class _Slot:
             job = pool._jobs.get()
             if job is _STOP:
                 self.retire(wait=True)
+                with pool._lock:
+                    if self in pool._slots:
+                        pool._slots.remove(self)
                 return
             if pool._abandon:
                 job.done = True
@@ -206,6 +209,8 @@ class PreforkPool(Pool):
         self._slots: list[_Slot] = []
         self._initializer: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
         self._abandon = False
+        self._lock = threading.Lock()
+        self._next_index = 1
 
     def init_processes(self, initializer: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self._initializer = (initializer, args)
@@ -213,12 +218,33 @@ class PreforkPool(Pool):
     def start(self) -> None:
         if not hasattr(os, "fork"):
             raise RuntimeError("The prefork pool needs os.fork(); use -P threads on this platform.")
-        for index in range(1, self.concurrency + 1):
-            slot = _Slot(self, index)
-            slot.spawn()
-            self._slots.append(slot)
-        for slot in self._slots:
+        with self._lock:
+            slots = [self._new_slot() for _ in range(self.concurrency)]
+        for slot in slots:
             slot.thread.start()
+
+    def _new_slot(self) -> _Slot:
+        slot = _Slot(self, self._next_index)
+        self._next_index += 1
+        slot.spawn()
+        self._slots.append(slot)
+        return slot
+
+    def grow(self, n: int = 1) -> None:
+        """Fork ``n`` more children (thread-safe)."""
+        with self._lock:
+            slots = [self._new_slot() for _ in range(n)]
+            self.concurrency += n
+        for slot in slots:
+            slot.thread.start()
+
+    def shrink(self, n: int = 1) -> None:
+        """Retire ``n`` children once they are idle, keeping at least one (thread-safe)."""
+        with self._lock:
+            n = min(n, self.concurrency - 1)
+            self.concurrency -= n
+        for _ in range(n):
+            self._jobs.put(_STOP)
 
     def apply_async(self, target: Callable[..., Any], args: tuple[Any, ...], callback: Callback,
                     on_start: Callable[[], None] | None = None) -> Any:
@@ -242,12 +268,15 @@ class PreforkPool(Pool):
     def stop(self, wait: bool = True) -> None:
         # Jobs not started yet are handed back ("notstarted") so the worker requeues them.
         self._abandon = True
-        for _ in self._slots:
+        with self._lock:
+            slots = list(self._slots)
+        for _ in slots:
             self._jobs.put(_STOP)
         if wait:
-            for slot in self._slots:
+            for slot in slots:
                 slot.thread.join()
         else:
-            for slot in self._slots:
+            for slot in slots:
                 slot.retire(wait=False)
-        self._slots.clear()
+        with self._lock:
+            self._slots.clear()

@@ -67,6 +67,8 @@ def _detach(logfile: str | None) -> None:
 @click.option("--time-limit", type=float, help="Hard time limit per task, seconds.")
 @click.option("--soft-time-limit", type=float, help="Soft time limit per task, seconds.")
 @click.option("--max-tasks-per-child", type=int, help="Recycle pool processes after N tasks.")
+@click.option("--autoscale", metavar="MAX,MIN",
+              help="Grow the pool up to MAX slots while work waits, shrink it to MIN when idle.")
 @click.option("--pidfile", type=click.Path(dir_okay=False), help="Write the process id here.")
 @click.option("--logfile", "-f", type=click.Path(dir_okay=False), help="Log to this file.")
 @click.option("--detach", is_flag=True, help="Run in the background (daemon).")
@@ -75,11 +77,16 @@ def worker(ctx: CLIContext, loglevel: str, concurrency: int | None, pool: str | 
            queues: str | None, exclude_queues: str | None, hostname: str | None, task_events: bool,
            prefetch_multiplier: int | None, optimization: str | None, time_limit: float | None,
            soft_time_limit: float | None, max_tasks_per_child: int | None, pidfile: str | None,
-           logfile: str | None, detach: bool) -> None:
+           logfile: str | None, detach: bool, autoscale: str | None) -> None:
     """Start a worker that consumes tasks and runs them."""
     from celeriac.plugins.manager import pool_factory
+    from celeriac.worker.autoscale import parse_autoscale
     from celeriac.worker.worker import Worker, setup_logging
 
+    try:
+        limits = parse_autoscale(autoscale) if autoscale else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--autoscale") from None
     if pidfile:
         pidfile = os.path.abspath(pidfile)
         _check_pidfile(pidfile)
@@ -105,7 +112,7 @@ def worker(ctx: CLIContext, loglevel: str, concurrency: int | None, pool: str | 
             exclude_queues=exclude_queues.split(",") if exclude_queues else None,
             prefetch_multiplier=prefetch_multiplier, events=task_events, time_limit=time_limit,
             soft_time_limit=soft_time_limit, max_tasks_per_child=max_tasks_per_child,
-            install_signals=True, detached=detach,
+            install_signals=True, detached=detach, autoscale=limits,
         )
         app.import_includes()
         click.echo(instance.banner(), err=detach)

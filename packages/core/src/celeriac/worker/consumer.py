@@ -27,12 +27,14 @@ from celeriac.exceptions import (
 )
 from celeriac.protocol import decode_task
 from celeriac.serialization import AcceptPolicy
+from celeriac.worker.queues import SwitchingConsumer
 from celeriac.worker.request import Request
 from celeriac.worker.timer import Timer
 from celeriac.worker.trace import Tracer, run_payload
 
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
+    from celeriac.routing import Queue
     from celeriac.worker.pool import Pool
 
 __all__ = ["TaskConsumer", "TokenBucket", "parse_rate"]
@@ -75,9 +77,13 @@ class TaskConsumer:
 
     def __init__(self, app: Celeriac, consumer: Consumer, pool: Pool, hostname: str,
                  prefetch: int, fetch_timeout: float = 1.0, time_limit: float | None = None,
-                 soft_time_limit: float | None = None) -> None:
+                 soft_time_limit: float | None = None, queues: list[Queue] | None = None) -> None:
         self.app = app
         self.consumer = consumer
+        #: The queues consumed; the same list as the worker's, changed in place by
+        #: :meth:`change_queues` (``control add_consumer`` / ``cancel_consumer``).
+        self.queues: list[Queue] = queues if queues is not None else []
+        self._queue_changes: list[tuple[str, Queue | str]] = []
         self.pool = pool
         self.hostname = hostname
         self.prefetch = prefetch if prefetch > 0 else 1000
@@ -110,6 +116,8 @@ class TaskConsumer:
         """Consume until :meth:`stop` is called."""
         backoff = 1.0
         while not self._stopping.is_set():
+            if self._queue_changes:
+                self._apply_queue_changes()
             next_due = self._run_due()
             window = self.prefetch - self.reserved
             if window <= 0:
@@ -201,6 +209,45 @@ class TaskConsumer:
                               correlation_id=task_id)
             except Exception:
                 logger.exception("Could not store the failure of message %s", task_id)
+
+    # -- queues -------------------------------------------------------------------------------
+
+    def change_queues(self, add: Queue | None = None, cancel: str | None = None) -> None:
+        """Start consuming ``add`` and/or stop consuming the queue named ``cancel``.
+
+        Thread-safe: the change is applied by the consumer thread within ``fetch_timeout``."""
+        with self._lock:
+            if add is not None:
+                self._queue_changes.append(("add", add))
+            if cancel is not None:
+                self._queue_changes.append(("cancel", cancel))
+
+    def _apply_queue_changes(self) -> None:
+        with self._lock:
+            changes, self._queue_changes = self._queue_changes, []
+        queues = list(self.queues)
+        for action, value in changes:
+            if action == "add" and not isinstance(value, str) and value.name not in {q.name for q in queues}:
+                self.app.broker.declare(value)
+                queues.append(value)
+            elif action == "cancel":
+                queues = [q for q in queues if q.name != value]
+        if [q.name for q in queues] == [q.name for q in self.queues]:
+            return
+        switching = self.consumer
+        if not isinstance(switching, SwitchingConsumer):
+            switching = SwitchingConsumer(lambda qs: self.app.broker.consumer(qs, self.prefetch), self.consumer)
+        with self._lock:
+            outstanding = [r.delivery for r in (*self.active.values(), *self.held.values())]
+        outstanding += [entry[3].delivery for entry in self._deferred]
+        try:
+            switching.switch(queues, outstanding)
+        except Exception:
+            logger.exception("Could not change the queues consumed to %s", ", ".join(q.name for q in queues))
+            return
+        self.consumer = self.tracer.consumer = switching
+        self.queues[:] = queues
+        logger.info("Consuming from %s", ", ".join(q.name for q in queues) or "no queue")
 
     # -- deferred work (ETA, rate limits): consumer thread only ------------------------------
 

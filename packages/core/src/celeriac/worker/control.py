@@ -16,6 +16,7 @@ from celeriac.backends.base import make_meta
 from celeriac.control import PIDBOX_EXCHANGE
 from celeriac.exceptions import TaskRevokedError
 from celeriac.protocol import Message
+from celeriac.routing import Exchange, Queue
 from celeriac.serialization import json_dumps, json_loads
 
 if TYPE_CHECKING:
@@ -105,7 +106,9 @@ def stats(worker: Worker) -> Any:
     return {
         "total": dict(worker.totals), "pid": os.getpid(), "clock": 0,
         "uptime": int(time.monotonic() - worker.started_at),
-        "pool": {"implementation": worker.pool_name, "max-concurrency": worker.concurrency},
+        "pool": {"implementation": worker.pool_name, "max-concurrency": worker.concurrency,
+                 "autoscaler": ({"max": worker.autoscaler.max_concurrency, "min": worker.autoscaler.min_concurrency}
+                                if worker.autoscaler else None)},
         "broker": {"transport": worker.app.broker_url.split("://", 1)[0],
                    "uri": worker.app.broker.safe_url},
         "prefetch_count": worker.prefetch, "processed": consumer.processed if consumer else 0,
@@ -116,7 +119,7 @@ def stats(worker: Worker) -> Any:
 @handler("active_queues")
 def active_queues(worker: Worker) -> Any:
     result = []
-    for queue in worker.queues:
+    for queue in list(worker.queues):
         exchange = queue.exchange
         assert exchange is not None
         result.append({"name": queue.name, "exchange": {"name": exchange.name, "type": exchange.type},
@@ -197,6 +200,72 @@ def time_limit(worker: Worker, task_name: str = "", soft: Any = None, hard: Any 
         return {"error": f"unknown task {task_name}"}
     task.soft_time_limit, task.time_limit = soft, hard
     return {"ok": "time limits set successfully"}
+
+
+@handler("add_consumer")
+def add_consumer(worker: Worker, queue: str = "", exchange: str | None = None, exchange_type: str | None = None,
+                 routing_key: str | None = None, **options: Any) -> Any:
+    consumer = worker.task_consumer
+    if consumer is None or not queue:
+        return {"error": "add_consumer needs a queue name and a running worker"}
+    if any(q.name == queue for q in consumer.queues):
+        return {"ok": f"already consuming from {queue!r}"}
+    declared = worker.app.router.queues.get(queue)
+    if declared is None or exchange or routing_key:
+        declared = Queue(queue, Exchange(exchange or queue, exchange_type or "direct"), routing_key or queue)
+    consumer.change_queues(add=declared)
+    return {"ok": f"add consumer {queue}"}
+
+
+@handler("cancel_consumer")
+def cancel_consumer(worker: Worker, queue: str = "", **options: Any) -> Any:
+    consumer = worker.task_consumer
+    if consumer is None:
+        return {"error": "worker not started"}
+    names = [q.name for q in consumer.queues]
+    if queue not in names:
+        return {"error": f"not consuming from {queue!r}"}
+    if names == [queue]:
+        return {"error": f"{queue!r} is the last queue consumed; add another one first "
+                         "(control add_consumer) or shut the worker down."}
+    consumer.change_queues(cancel=queue)
+    return {"ok": f"no longer consuming from {queue}"}
+
+
+def _resize(worker: Worker, n: Any, grow: bool) -> Any:
+    pool = worker.pool
+    if pool is None:
+        return {"error": "worker not started"}
+    count = int(n) if n not in (None, "") else 1
+    scaler = worker.autoscaler
+    if scaler is not None:  # keep the autoscaler's limits around the size asked for
+        size = pool.concurrency + (count if grow else -count)
+        if grow:
+            scaler.max_concurrency = max(scaler.max_concurrency, size)
+        else:
+            scaler.min_concurrency = min(scaler.min_concurrency, max(size, 0))
+    (pool.grow if grow else pool.shrink)(count)
+    worker.pool_resized(pool.concurrency)
+    return {"ok": f"pool will {'grow' if grow else 'shrink'}"}
+
+
+@handler("pool_grow")
+def pool_grow(worker: Worker, n: Any = 1, **options: Any) -> Any:
+    return _resize(worker, n, grow=True)
+
+
+@handler("pool_shrink")
+def pool_shrink(worker: Worker, n: Any = 1, **options: Any) -> Any:
+    return _resize(worker, n, grow=False)
+
+
+@handler("autoscale")
+def autoscale(worker: Worker, max: Any = None, min: Any = None, **options: Any) -> Any:  # noqa: A002
+    scaler = worker.autoscaler
+    if scaler is None:
+        return {"error": "Autoscale not enabled: start the worker with --autoscale=MAX,MIN."}
+    high, low = scaler.update(int(max) if max is not None else None, int(min) if min is not None else None)
+    return {"ok": f"autoscale now max={high} min={low}"}
 
 
 @handler("shutdown")

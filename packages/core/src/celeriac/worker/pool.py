@@ -70,6 +70,19 @@ class Pool(abc.ABC):
         """Raise ``exc_type`` inside the running job ``handle``; False when not possible."""
         return False
 
+    def grow(self, n: int = 1) -> None:
+        """Add ``n`` slots (threads, processes, greenlets) and raise :attr:`concurrency` by ``n``.
+
+        Thread-safe (remote control calls it from its own thread). Raises
+        ``NotImplementedError`` when the pool cannot be resized."""
+        raise NotImplementedError(f"The {self.name} pool cannot be resized.")
+
+    def shrink(self, n: int = 1) -> None:
+        """Remove ``n`` slots once they are idle (running tasks finish first); never below 1.
+
+        Thread-safe. Raises ``NotImplementedError`` when the pool cannot be resized."""
+        raise NotImplementedError(f"The {self.name} pool cannot be resized.")
+
     def stop(self, wait: bool = True) -> None:
         """Stop the pool; with ``wait`` finish the jobs already submitted first."""
 
@@ -112,16 +125,35 @@ class ThreadPool(Pool):
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        for index in range(self.concurrency):
-            thread = threading.Thread(target=self._run, name=f"ThreadPoolWorker-{index + 1}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        for _ in range(self.concurrency):
+            self._add_thread()
+
+    def _add_thread(self) -> None:
+        thread = threading.Thread(target=self._run, name=f"ThreadPoolWorker-{len(self._threads) + 1}",
+                                  daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def grow(self, n: int = 1) -> None:
+        with self._lock:
+            for _ in range(n):
+                self._add_thread()
+            self.concurrency += n
+
+    def shrink(self, n: int = 1) -> None:
+        with self._lock:
+            n = min(n, self.concurrency - 1)
+            self.concurrency -= n
+        for _ in range(n):  # the next idle threads to take one exit
+            self._jobs.put(_STOP)
 
     def _run(self) -> None:
         get = self._jobs.get
         while True:
             job = get()
             if job is _STOP:
+                with self._lock:
+                    self._threads.remove(threading.current_thread())
                 return
             handle, target, args, callback = job
             handle.thread_id = threading.get_ident()
@@ -151,9 +183,10 @@ class ThreadPool(Pool):
         return bool(applied == 1)
 
     def stop(self, wait: bool = True) -> None:
-        for _ in self._threads:
+        with self._lock:
+            threads = list(self._threads)
+        for _ in threads:
             self._jobs.put(_STOP)
         if wait:
-            for thread in self._threads:
+            for thread in threads:
                 thread.join()
-        self._threads.clear()

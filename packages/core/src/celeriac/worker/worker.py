@@ -19,6 +19,7 @@ from celeriac.events import EventDispatcher
 from celeriac.exceptions import BrokerConnectionError
 from celeriac.plugins.manager import available_pools, plugin_infos, pool_factory
 from celeriac.routing import Queue
+from celeriac.worker.autoscale import Autoscaler
 from celeriac.worker.consumer import TaskConsumer
 from celeriac.worker.control import Pidbox
 from celeriac.worker.heartbeat import Heart
@@ -97,7 +98,8 @@ class Worker:
                  events: bool = False, time_limit: float | None = None,
                  soft_time_limit: float | None = None, max_tasks_per_child: int | None = None,
                  install_signals: bool = False, ready_callback: Callable[[Worker], None] | None = None,
-                 fetch_timeout: float = 1.0, detached: bool = False) -> None:
+                 fetch_timeout: float = 1.0, detached: bool = False,
+                 autoscale: tuple[int, int] | None = None) -> None:
         self.app = app
         self.hostname = expand_hostname(hostname)
         self.pool_name = pool or default_pool_name()
@@ -106,10 +108,16 @@ class Worker:
         self.concurrency = int(concurrency or conf_concurrency or os.cpu_count() or 1)
         if self.pool_name == "solo":
             self.concurrency = 1
+            autoscale = None
+        #: ``(max, min)`` pool size with ``--autoscale``; the pool starts at the minimum.
+        self.autoscale = autoscale
+        if autoscale is not None:
+            self.concurrency = max(1, autoscale[1])
         multiplier = prefetch_multiplier
         if multiplier is None:
             multiplier = app.conf.get("worker_prefetch_multiplier")
-        self.prefetch = self.concurrency * int(multiplier if multiplier is not None else 4)
+        self.prefetch_multiplier = int(multiplier if multiplier is not None else 4)
+        self.prefetch = (autoscale[0] if autoscale else self.concurrency) * self.prefetch_multiplier
         self.events = events or bool(app.conf.get("worker_send_task_events"))
         self.time_limit = time_limit
         self.soft_time_limit = soft_time_limit
@@ -132,6 +140,7 @@ class Worker:
         self._stop_requested = threading.Event()
         self.started_at = time.monotonic()
         self.heart: Heart | None = None
+        self.autoscaler: Autoscaler | None = None
         self.pidbox: Pidbox | None = None
         self.dispatcher: EventDispatcher | None = None
 
@@ -254,7 +263,12 @@ class Worker:
         consumer = self.app.broker.consumer(self.queues, self.prefetch)
         self.task_consumer = TaskConsumer(self.app, consumer, self.pool, self.hostname,
                                           self.prefetch, self.fetch_timeout, self.time_limit,
-                                          self.soft_time_limit)
+                                          self.soft_time_limit, queues=self.queues)
+        if self.autoscale is not None:
+            task_consumer = self.task_consumer
+            self.autoscaler = Autoscaler(self.pool, lambda: task_consumer.reserved, *self.autoscale,
+                                         on_resize=self.pool_resized)
+            self.autoscaler.start()
         if self._stop_requested.is_set():
             self.task_consumer.stop()
         broker = self.app.broker
@@ -275,6 +289,14 @@ class Worker:
         if self._restart:
             self._reexec()
         return self.exit_code
+
+    def pool_resized(self, concurrency: int) -> None:
+        """The pool now has ``concurrency`` slots (autoscale, ``control pool_grow``/``pool_shrink``).
+
+        Without autoscale the prefetch window follows the pool size."""
+        self.concurrency = concurrency
+        if self.autoscale is None and self.task_consumer is not None:
+            self.prefetch = self.task_consumer.prefetch = max(1, concurrency * self.prefetch_multiplier)
 
     @property
     def totals(self) -> dict[str, int]:
@@ -301,6 +323,8 @@ class Worker:
         assert consumer is not None and pool is not None
         if self.pidbox is not None:
             self.pidbox.stop()
+        if self.autoscaler is not None:
+            self.autoscaler.stop()
         if self.heart is not None:
             self.heart.stop()
         if self._cold:
