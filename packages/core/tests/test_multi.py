@@ -4,10 +4,10 @@ RabbitMQ."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from celeriac.cli.main import cli
 from celeriac.cli.multi_args import (
@@ -148,11 +149,17 @@ def test_bad_selectors_are_one_clear_error(line: str, message: str) -> None:
 # -- the same output as the real ``celery multi`` ------------------------------------------------
 
 
-def _celery() -> str:
-    found = shutil.which("celery") or str(Path(sys.executable).parent / "celery")
-    if not Path(found).exists():
-        pytest.skip("the celery package is not installed in this environment")
-    return found
+def _celery_multi(args: list[str]) -> tuple[int, str]:
+    """Exit code and output of the real ``celery multi ARGS`` (Celery's MultiTool, in-process)."""
+    multi_tool = pytest.importorskip("celery.bin.multi")
+    out = io.StringIO()
+    code = multi_tool.MultiTool(stdout=out, stderr=io.StringIO()).execute_from_commandline(["celery", *args])
+    return code, out.getvalue()
+
+
+def _celeriac_multi(args: list[str]) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["multi", *args])
+    return result.exit_code, result.output
 
 
 def _run(argv: list[str], cwd: Path, env: dict[str, str] | None = None,
@@ -178,26 +185,25 @@ def _effective(show_output: str) -> list[dict[str, str | None]]:
 
 @pytest.mark.parametrize("line", [GUIDE_10, "3 -A proj -c 3 -c:1 10", "image video data -c 3 -c:image 10",
                                   "5 -c 3 -c:1-3 10", "foo bar baz xuzzy -c 3 -c:foo,bar,baz 10"])
-def test_show_matches_celery(line: str, tmp_path: Path) -> None:
-    files = ["--pidfile=%n.pid", "--logfile=%n%I.log"]  # relative: celery creates no directory
-    theirs = _run([_celery(), "multi", "show", *shlex.split(line), *files], tmp_path)
-    ours = _run([sys.executable, "-m", "celeriac", "multi", "show", *shlex.split(line), *files], tmp_path)
-    assert theirs.returncode == 0 and ours.returncode == 0, theirs.stderr + ours.stderr
-    assert _effective(ours.stdout) == _effective(theirs.stdout)
-    first = shlex.split(ours.stdout.splitlines()[0])
+def test_show_matches_celery(line: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["show", *shlex.split(line), "--pidfile=%n.pid", "--logfile=%n%I.log"]  # relative: no directory made
+    theirs, ours = _celery_multi(args), _celeriac_multi(args)
+    assert theirs[0] == ours[0] == 0, ours[1]
+    assert _effective(ours[1]) == _effective(theirs[1])
+    first = shlex.split(ours[1].splitlines()[0])
     name = first[first.index("-n") + 1].partition("@")[0]
-    assert f"--pidfile={tmp_path.resolve()}/{name}.pid" in first  # absolute: stop finds it from anywhere
-    assert f"--logfile={tmp_path.resolve()}/{name}.log" in first  # %I is empty for the main process
+    assert f"--pidfile={os.getcwd()}/{name}.pid" in first  # absolute: stop finds it from anywhere
+    assert f"--logfile={os.getcwd()}/{name}.log" in first  # %I is empty for the main process
 
 
 @pytest.mark.parametrize("args", [["names", "3"], ["names", "foo@%h", "bar", "baz@box.lan"],
                                   ["names", "2", "--hostname=worker.example.com", "--range-prefix=w"],
+                                  ["names", "a", "b", "c", "-c:a,b", "2", "-Q", "x"],
                                   ["expand", "%n-%h.pid", "4", "-c", "2"],
                                   ["expand", "/var/log/%n/%h.log", "w1", "x@box.lan"]])
-def test_names_and_expand_match_celery(args: list[str], tmp_path: Path) -> None:
-    theirs = _run([_celery(), "multi", *args], tmp_path)
-    ours = _run([sys.executable, "-m", "celeriac", "multi", *args], tmp_path)
-    assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout), theirs.stderr + ours.stderr
+def test_names_and_expand_match_celery(args: list[str]) -> None:
+    assert _celeriac_multi(args) == _celery_multi(args)
 
 
 # -- the real CLI: detached workers ----------------------------------------------------------------
@@ -366,6 +372,34 @@ def test_start_status_task_double_start_restart_stop_kill(project: Callable[...,
     assert second[2] is not None and not _alive(second[2]) and not (proj.root / "celery2.pid").exists()
     gone = proj.celeriac("-A", "app", "status", "-t", "1")
     assert gone.returncode != 0 and "No nodes replied" in gone.stderr
+
+
+def test_guide_ten_workers_consume_their_queues(project: Callable[..., Project]) -> None:
+    proj = project()
+    # The guide's line, plus a light pool: ten prefork workers would not fit a 2-core CI machine.
+    started = proj.celeriac("multi", "start", *shlex.split(GUIDE_10.replace("proj", "app")), "-P", "threads",
+                            "-c", "1")
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert started.stdout.count(": OK") == 10
+        app = proj.app()
+        queues: dict[str, list[str]] = {}
+        try:
+            def all_replied() -> bool:
+                replies = app.control.inspect(timeout=2).active_queues() or {}
+                queues.update({node: sorted(q["name"] for q in qs) for node, qs in replies.items()})
+                return len(queues) == 10
+
+            _wait_for(all_replied, 40)
+        finally:
+            app.close()
+        expected = {f"celery{i}@{HOST}": ["images", "video"] if i <= 3 else ["data"] if i <= 5 else ["default"]
+                    for i in range(1, 11)}
+        assert queues == expected
+    finally:
+        stopped = proj.celeriac("multi", "stopwait", "10")
+    assert stopped.returncode == 0 and stopped.stdout.count(": OK") == 10, stopped.stdout + stopped.stderr
+    assert not list(proj.root.glob("*.pid"))
 
 
 def test_guide_pid_and_log_directories_and_stop_returns_at_once(project: Callable[..., Project]) -> None:

@@ -85,14 +85,17 @@ class _Output:
         self.color: bool | None = False if settings.no_color else None
 
     def note(self, text: str, newline: bool = True) -> None:
+        """Print ``text`` unless ``--quiet``."""
         if not self.settings.quiet:
             click.echo(text, nl=newline, color=self.color)
 
     def splash(self) -> None:
+        """The ``celeriac multi vX.Y.Z`` line, unless ``--nosplash``."""
         if not self.settings.nosplash:
             self.note(click.style(f"celeriac multi v{__version__}", fg="cyan", bold=True))
 
     def status(self, word: str) -> str:
+        """``word`` coloured as Celery colours OK, FAILED and DOWN."""
         colour = {"OK": "green", "FAILED": "red", "DOWN": "magenta"}.get(word.split()[0], "yellow")
         return click.style(word, fg=colour, bold=True)
 
@@ -198,6 +201,7 @@ class _Multi:
         return False
 
     def start(self) -> int:
+        """Start every node; the exit code (1 when a node failed)."""
         self.out.note("> Starting nodes...")
         failed = [node for node in self.nodes if not self.start_node(node, f"\t> {node.nodename}: ")]
         return 1 if failed else 0
@@ -264,6 +268,7 @@ class _Multi:
                 last_dot = time.monotonic()
 
     def restart(self, sig: int) -> int:
+        """Stop every node (``sig``), start each again once it is gone; the exit code."""
         failed: list[Node] = []
 
         def start_again(node: Node) -> None:
@@ -275,6 +280,7 @@ class _Multi:
         return 1 if failed else 0
 
     def kill(self) -> int:
+        """SIGKILL every running node and remove the pid files it leaves; the exit code."""
         killed: list[tuple[Node, int]] = []
         for node in self.nodes:
             pid = node_pid(node)
@@ -429,10 +435,10 @@ def _run(click_ctx: click.Context, words: list[str]) -> int:
         return 0
     if action in ("start", "restart"):
         tool.validate()
+    tool.out.splash()
     if settings.verbose:
         for node in nodes:
             tool.out.note(f"  {shlex.join(node.argv(settings.executable, parsed.passthrough))}")
-    tool.out.splash()
     if action == "start":
         return tool.start()
     if action == "kill":

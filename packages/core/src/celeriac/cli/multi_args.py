@@ -24,6 +24,7 @@ __all__ = [
     "MultiSettings",
     "MultiUsageError",
     "Node",
+    "Option",
     "OptionTable",
     "ParsedArgs",
     "build_nodes",
