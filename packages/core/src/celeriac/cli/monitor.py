@@ -252,9 +252,9 @@ class Monitor:
         """React to one key; True means quit."""
         if key in (ord("q"), ord("Q")):
             return True
+        moves = {curses.KEY_UP: -1, ord("k"): -1, curses.KEY_DOWN: 1, ord("j"): 1,
+                 curses.KEY_PPAGE: -self.page, curses.KEY_NPAGE: self.page}
         if self.detail is not None:
-            moves = {curses.KEY_UP: -1, ord("k"): -1, curses.KEY_DOWN: 1, ord("j"): 1,
-                     curses.KEY_PPAGE: -self.page, curses.KEY_NPAGE: self.page}
             if key in _BACK or key in _ENTER:
                 self.detail = None
             elif key in moves:
@@ -263,8 +263,6 @@ class Monitor:
                 self.detail_top = 0
             return False
         tasks = self.state.recent_tasks()
-        moves = {curses.KEY_UP: -1, ord("k"): -1, curses.KEY_DOWN: 1, ord("j"): 1,
-                 curses.KEY_PPAGE: -self.page, curses.KEY_NPAGE: self.page}
         if key in moves and tasks:
             self._locate(tasks)
             self.index = min(len(tasks) - 1, max(0, self.index + moves[key]))
