@@ -365,3 +365,20 @@ def test_control_commands_change_a_running_worker(project: Any) -> None:
         assert "ERROR" in bad.stdout and "not consuming from 'nope'" in bad.stdout
     finally:
         assert worker.stop() == 0, worker.output
+
+
+def test_inspect_scheduled_and_purge_cover_tasks_parked_in_the_broker(project: Any) -> None:
+    cwd, env = project
+    worker = WorkerProcess(["-A", "proj", "worker", "-l", "info", "-P", "threads", "-n", "eta@%h"], cwd, env)
+    try:
+        worker.wait_ready()
+        task_id = _client(cwd, "from proj.tasks import add; print(add.apply_async((1, 2), countdown=40).id)",
+                          env).strip()
+        out = subprocess.run([sys.executable, "-m", "celeriac", "-A", "proj", "inspect", "scheduled"], cwd=cwd,
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and task_id in out.stdout and '"eta"' in out.stdout, out.stdout + out.stderr
+    finally:
+        assert worker.stop() == 0, worker.output
+    purged = subprocess.run([sys.executable, "-m", "celeriac", "-A", "proj", "purge", "-f"], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert "Purged 1 message" in purged.stdout and "(1 of them waiting for their ETA)" in purged.stdout

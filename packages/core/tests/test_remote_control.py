@@ -137,3 +137,28 @@ def test_parse_autoscale() -> None:
     for bad in ("", "a,b", "0", "-1,2", "1,2,3"):
         with pytest.raises(ValueError, match="--autoscale"):
             parse_autoscale(bad)
+
+
+def test_scheduled_lists_tasks_parked_in_the_broker_in_the_app_timezone(celeriac_app: Any) -> None:
+    import datetime as dt
+
+    celeriac_app.conf.timezone = "Asia/Tokyo"
+
+    @celeriac_app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    worker = start_worker(celeriac_app)
+    try:
+        before = time.time()
+        result = add.apply_async((1, 2), countdown=40)
+        entries = _call(celeriac_app, "scheduled")[worker.hostname]
+        assert [e["request"]["id"] for e in entries] == [result.id]
+        eta = dt.datetime.fromisoformat(entries[0]["eta"])
+        assert eta.utcoffset() == dt.timedelta(hours=9)
+        assert before + 39 <= eta.timestamp() <= time.time() + 41
+        assert entries[0]["request"]["name"] == add.name
+    finally:
+        _stop(worker)
+    assert celeriac_app.broker.purge("celery") == 1
+    assert celeriac_app.broker.scheduled(["celery"]) == []

@@ -208,6 +208,14 @@ class Broker(abc.ABC):
         """Delete ``queue`` and its messages (reply queues, tests). Default: purge it."""
         self.purge(queue)
 
+    def scheduled(self, queues: Sequence[str], limit: int = 1000) -> list[tuple[float, Message]]:
+        """Messages of ``queues`` parked in the broker until a later time (capability ``delay``).
+
+        Returns up to ``limit`` ``(unix time due, message)`` pairs, soonest first, for
+        ``inspect scheduled``; ``purge`` removes them too. Default: an empty list (a broker that
+        cannot list what it parks, like RabbitMQ's delay queues, says nothing). Thread-safe."""
+        return []
+
     def broadcast(self, exchange: str, message: Message, routing_key: str = "") -> None:
         """Publish ``message`` to every subscriber of ``exchange`` (capability ``broadcast``)."""
         raise NotImplementedError(

@@ -376,6 +376,14 @@ class MemoryBroker(Broker):
                 state.delayed = kept
             return count
 
+    def scheduled(self, queues: Sequence[str], limit: int = 1000) -> list[tuple[float, Message]]:
+        """The delayed messages of ``queues``, soonest first (see :meth:`Broker.scheduled`)."""
+        wanted = set(queues)
+        with self._state.cond:
+            found = sorted(item[:2] + (item[2].message,) for item in self._state.delayed
+                           if item[2].queue in wanted)
+        return [(when, message) for when, _, message in found[:limit]]
+
     def queue_size(self, queue: str) -> int | None:
         """Number of ready messages in ``queue`` (delayed ones are not counted)."""
         state = self._state

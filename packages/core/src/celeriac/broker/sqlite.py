@@ -718,6 +718,24 @@ class SQLiteBroker(Broker):
             (queue,))
         return cur.rowcount
 
+    def scheduled(self, queues: Sequence[str], limit: int = 1000) -> list[tuple[float, Message]]:
+        """The delayed messages of ``queues`` not due yet, soonest first (see :meth:`Broker.scheduled`)."""
+        if not queues:
+            return []
+        marks = ",".join("?" * len(queues))
+        rows = self._execute(
+            "SELECT visible_at, headers, properties, body, content_type, content_encoding FROM "
+            f"celeriac_messages WHERE ready = 0 AND owner IS NULL AND visible_at > ? AND queue IN ({marks}) "
+            "ORDER BY visible_at LIMIT ?", (time.time(), *queues, limit)).fetchall()
+        out: list[tuple[float, Message]] = []
+        for when, headers, properties, body, content_type, content_encoding in rows:
+            try:
+                out.append((float(when), Message(json_loads(headers), json_loads(properties), bytes(body),
+                                                 content_type, content_encoding)))
+            except (ValueError, TypeError):
+                continue
+        return out
+
     def queue_size(self, queue: str) -> int | None:
         """Number of messages of ``queue`` deliverable now (delayed and leased ones excluded)."""
         ready = self._execute("SELECT COUNT(*) FROM celeriac_messages WHERE queue = ? AND "

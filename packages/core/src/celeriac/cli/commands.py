@@ -87,10 +87,12 @@ def purge(ctx: CLIContext, force: bool, queues: str | None, exclude_queues: str 
         click.confirm(f"Delete all messages from {len(names)} queue(s): {', '.join(names)}? "
                       "This cannot be undone.", abort=True, err=True)
     total = 0
+    parked = len(app.broker.scheduled(names, limit=1_000_000))
     for name in names:
         total += app.broker.purge(name)
+    note = f" ({parked} of them waiting for their ETA)" if parked else ""
     click.echo(f"Purged {total} message{'s' if total != 1 else ''} from {len(names)} known "
-               f"task queue{'s' if len(names) != 1 else ''}.")
+               f"task queue{'s' if len(names) != 1 else ''}{note}.")
 
 
 @click.command()

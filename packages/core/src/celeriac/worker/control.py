@@ -79,13 +79,37 @@ def reserved(worker: Worker) -> Any:
     return [_info(r, worker) for r in list(consumer.active.values()) if r.time_start is None]
 
 
+def _parked_info(message: Message, worker: Worker) -> dict[str, Any]:
+    """What ``inspect`` shows of a task message parked in the broker (not fetched by anyone)."""
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    return {"id": headers.get("id"), "name": headers.get("task"), "args": headers.get("argsrepr"),
+            "kwargs": headers.get("kwargsrepr"), "type": headers.get("task"), "hostname": None,
+            "time_start": None, "acknowledged": False, "parked_in_broker": True,
+            "delivery_info": {"exchange": message.properties.get("delivery_info", {}).get("exchange"),
+                              "routing_key": message.properties.get("delivery_info", {}).get("routing_key"),
+                              "priority": message.properties.get("priority"), "redelivered": False},
+            "worker_pid": None}
+
+
 @handler("scheduled", "dump_schedule")
 def scheduled(worker: Worker) -> Any:
+    """Tasks waiting for their ETA: held by this worker, and parked in the broker for the queues
+    it consumes (every worker of those queues lists the parked ones); ETAs in the app's timezone."""
     consumer = worker.task_consumer
     if consumer is None:
         return []
-    return [{"eta": dt.datetime.fromtimestamp(r.eta or 0, dt.timezone.utc).isoformat(), "priority": 6,
-             "request": _info(r, worker)} for r in list(consumer.held.values())]
+    zone = worker.app.timezone
+    items = [(r.eta or 0.0, r.message.properties.get("priority"), _info(r, worker))
+             for r in list(consumer.held.values())]
+    try:
+        parked = worker.app.broker.scheduled([q.name for q in list(consumer.queues)])
+    except Exception as exc:
+        logger.warning("Could not list the tasks parked in the broker: %s", exc)
+        parked = []
+    items += [(when, message.properties.get("priority"), _parked_info(message, worker)) for when, message in parked]
+    items.sort(key=lambda item: item[0])
+    return [{"eta": dt.datetime.fromtimestamp(when, zone).isoformat(), "priority": priority or 0,
+             "request": info} for when, priority, info in items]
 
 
 @handler("revoked", "dump_revoked")
