@@ -1,0 +1,259 @@
+"""``qpid://``, ``amqp10://`` (``qpids://``, ``amqps10://``): any AMQP 1.0 broker through
+python-qpid-proton.
+
+One :class:`~celeriac_qpid.reactor.Reactor` (a proton Container in its own thread) owns the
+connection; publishing, consuming and acknowledging from any thread is marshalled to it.
+
+AMQP 1.0 has no exchanges or bindings, so routing to named exchanges happens here: the broker
+remembers the queues declared through it (and the ``queue=`` a publisher passes), and a message
+for exchange ``X`` with routing key ``K`` goes to each known queue bound to ``X`` whose binding
+matches ``K`` (direct, topic or fanout rules). A message for an exchange nobody declared here
+goes to the dialect's exchange address (RabbitMQ: ``/exchange/X/K``, which must exist).
+
+Capabilities: ``broadcast`` (remote control, events), ``reply_queues`` (``rpc://``) and
+``batch``. Not declared: ``delay`` (AMQP 1.0 brokers differ; the worker holds ETA tasks),
+``priority`` (RabbitMQ 3.x cannot declare ``x-max-priority`` over AMQP 1.0) and
+``queue_size`` (AMQP 1.0 cannot count a queue).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from celeriac.broker.base import (
+    BATCH,
+    BROADCAST,
+    REPLY_QUEUES,
+    Broker,
+    BrokerConnectionError,
+    Consumer,
+    Subscription,
+)
+from celeriac.protocol import Message
+from celeriac.routing import Queue
+
+from celeriac_qpid import codec
+from celeriac_qpid.address import Target, dialect_from_conf, parse_url, topic_matches
+from celeriac_qpid.consumer import QpidConsumer, QpidSubscription, Source
+from celeriac_qpid.reactor import Options, Reactor
+
+__all__ = ["QpidBroker"]
+
+logger = logging.getLogger("celeriac.qpid")
+
+# proton logs connection problems with tracebacks; this plugin reports them in one line.
+if logging.getLogger("proton").level == logging.NOTSET:
+    logging.getLogger("proton").setLevel(logging.CRITICAL)
+
+_LIVE: weakref.WeakSet[QpidBroker] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """A script that publishes and exits without ``app.close()`` still gets its messages
+    confirmed (up to 10 s)."""
+    for broker in list(_LIVE):
+        reactor = broker._reactor
+        if reactor is not None and broker._pid == os.getpid() and reactor.is_connected:
+            reactor.flush(10.0)
+
+
+class QpidBroker(Broker):
+    """An AMQP 1.0 broker connection. Every public method is thread-safe."""
+
+    capabilities = frozenset({BROADCAST, REPLY_QUEUES, BATCH})
+    description = "AMQP 1.0 (python-qpid-proton)"
+
+    def __init__(self, url: str, conf: Mapping[str, Any]) -> None:
+        super().__init__(url, conf)
+        self.endpoints = parse_url(url)
+        self.dialect = dialect_from_conf(conf, self.safe_url)
+        self.options = Options.from_conf(conf)
+        self._reactor: Reactor | None = None
+        self._lock = threading.Lock()
+        self._declared: dict[str, Queue] = {}
+        self._consumers: set[QpidConsumer] = set()
+        self._closed = False
+        self._pid = os.getpid()
+        _LIVE.add(self)
+
+    def __repr__(self) -> str:
+        return f"<QpidBroker {self.safe_url} dialect={self.dialect.name}>"
+
+    # -- connection ---------------------------------------------------------------------------
+
+    @property
+    def reactor(self) -> Reactor:
+        """The connection's reactor, started (and connected) on first use."""
+        reactor = self._reactor
+        if reactor is not None and self._pid == os.getpid() and not reactor._closed.is_set():
+            return reactor
+        with self._lock:
+            if self._closed:
+                raise BrokerConnectionError(f"The broker {self.safe_url} was closed.")
+            if self._pid != os.getpid():  # forked child: the parent's thread is not here
+                self._pid = os.getpid()
+                self._reactor = None
+                self._consumers = set()
+            if self._reactor is None or self._reactor._closed.is_set():
+                self._reactor = Reactor(self.endpoints, self.dialect, self.options, self.safe_url)
+            return self._reactor
+
+    def connect(self) -> None:
+        """Connect now. Raises ``BrokerConnectionError`` (one line, password masked) when the
+        broker cannot be reached, with ``transient = False`` when it refuses the login."""
+        reactor = self.reactor
+        try:
+            reactor.wait_open(self.options.connect_timeout)
+        except BrokerConnectionError:
+            with self._lock:
+                if self._reactor is reactor:
+                    self._reactor = None
+            reactor.close(0)
+            raise
+
+    # -- routing ------------------------------------------------------------------------------
+
+    def _queue_target(self, queue: Queue) -> Target:
+        return Target(self.dialect.queue(queue.name), durable=bool(queue.durable))
+
+    def _targets(self, exchange: str, routing_key: str, queue: Queue | None) -> list[Target]:
+        if queue is not None and queue.name:
+            bound = queue.exchange.name if queue.exchange is not None else ""
+            if ((not exchange and routing_key == queue.name)
+                    or (exchange and bound == exchange and self._binds(queue, routing_key))):
+                self._remember(queue)
+                return [self._queue_target(queue)]
+        if not exchange:
+            known = self._declared.get(routing_key)
+            if known is not None:
+                return [self._queue_target(known)]
+            return [Target(self.dialect.existing_queue(routing_key))]
+        matches = [q for q in list(self._declared.values())
+                   if q.exchange is not None and q.exchange.name == exchange and self._binds(q, routing_key)]
+        if matches:
+            return [self._queue_target(q) for q in matches]
+        if any(q.exchange is not None and q.exchange.name == exchange for q in list(self._declared.values())):
+            return []  # a known exchange, no matching binding: unroutable, as AMQP would drop it
+        address, subject = self.dialect.exchange(exchange, routing_key)
+        return [Target(address, subject=subject)]
+
+    @staticmethod
+    def _binds(queue: Queue, routing_key: str) -> bool:
+        kind = queue.exchange.type if queue.exchange is not None else "direct"
+        if kind == "fanout":
+            return True
+        if kind == "topic":
+            return topic_matches(queue.binding_key, routing_key)
+        return queue.binding_key == routing_key
+
+    def _remember(self, queue: Queue) -> None:
+        if self._declared.get(queue.name) != queue:
+            self._declared[queue.name] = queue
+
+    # -- SPI ----------------------------------------------------------------------------------
+
+    def declare(self, queue: Queue) -> None:
+        """Create ``queue`` on the broker (a sender link to its address; durable as declared)
+        and remember its binding for routing. Cached. Raises ``BrokerConnectionError`` when the
+        broker refuses the address."""
+        if self._declared.get(queue.name) == queue:
+            return
+        self._remember(queue)
+        self.reactor.publish_attach(self._queue_target(queue), f"declare queue {queue.name!r}")
+
+    def publish(self, message: Message, exchange: str, routing_key: str, *,
+                queue: Queue | None = None, not_before: float | None = None) -> None:
+        """Publish ``message``; returns once it fits the confirmation window (the broker has
+        settled all but ``confirm_window`` messages). ``not_before`` is ignored (no ``delay``
+        capability: the worker holds the message). Thread-safe. Raises
+        ``BrokerConnectionError`` when the broker refuses the address or stays unreachable for
+        ``publish_retry_timeout`` seconds."""
+        targets = self._targets(exchange, routing_key, queue)
+        if not targets:
+            return
+        reactor = self.reactor
+        what = f"publish to {exchange or routing_key!r}"
+        for target in targets:
+            reactor.publish(target, codec.encode(message, target.subject), what)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until the broker settled every message published so far; False on timeout."""
+        reactor = self._reactor
+        return True if reactor is None else reactor.flush(timeout)
+
+    def consumer(self, queues: Sequence[Queue], prefetch: int, *, no_ack: bool = False) -> Consumer:
+        """Consume ``queues`` with at most ``prefetch`` unsettled deliveries (0 = no limit),
+        through a session of its own. Raises ``BrokerConnectionError`` when the broker refuses
+        a queue or cannot be reached."""
+        for queue in queues:
+            self._remember(queue)
+        sources = [Source(q.name, self.dialect.queue(q.name), bool(q.durable)) for q in queues]
+        consumer = QpidConsumer(self.reactor, sources, prefetch, no_ack, self.options.attach_timeout)
+        with self._lock:
+            self._consumers.add(consumer)
+        return consumer
+
+    def purge(self, queue: str) -> int:
+        """Remove the ready messages of ``queue`` by consuming them until the queue stays empty
+        for a moment; return how many. AMQP 1.0 has no purge operation."""
+        known = self._declared.get(queue)
+        source = Source(queue, self.dialect.queue(queue) if known else self.dialect.existing_queue(queue),
+                        bool(known.durable) if known else False)
+        try:
+            consumer = QpidConsumer(self.reactor, [source], 0, False, self.options.attach_timeout)
+        except BrokerConnectionError:
+            if known is None:
+                return 0
+            raise
+        count = 0
+        try:
+            idle_until = time.monotonic() + 0.3
+            while time.monotonic() < idle_until:
+                got = consumer.fetch(500, 0.1)
+                for delivery in got:
+                    consumer.ack(delivery)
+                if got:
+                    count += len(got)
+                    idle_until = time.monotonic() + 0.3
+        finally:
+            self.reactor.call(lambda: None)  # the acks are applied before the session ends
+            consumer.close()
+        return count
+
+    def delete_queue(self, queue: str) -> None:
+        """AMQP 1.0 cannot delete a node: purge ``queue`` and forget it here."""
+        self.purge(queue)
+        self._declared.pop(queue, None)
+
+    def broadcast(self, exchange: str, message: Message, routing_key: str = "") -> None:
+        """Send ``message`` to every current subscriber of ``exchange`` (fire-and-forget,
+        pre-settled). Thread-safe."""
+        address, subject, capabilities = self.dialect.broadcast(exchange, routing_key)
+        target = Target(address, capabilities=capabilities, presettled=True, subject=subject)
+        self.reactor.publish(target, codec.encode(message, subject), f"broadcast to {exchange!r}")
+
+    def subscribe(self, exchange: str, pattern: str = "#") -> Subscription:
+        """Receive broadcasts of ``exchange`` matching ``pattern`` from now on."""
+        return QpidSubscription(self.reactor, exchange, pattern, self.options.attach_timeout)
+
+    def close(self) -> None:
+        """Wait (up to 10 s) for unsettled publishes, close consumers and the connection.
+        Idempotent."""
+        with self._lock:
+            self._closed = True
+            reactor, self._reactor = self._reactor, None
+            consumers = list(self._consumers)
+            self._consumers.clear()
+        if reactor is None or self._pid != os.getpid():
+            return
+        for consumer in consumers:
+            consumer.close()
+        reactor.close(10.0)

@@ -1,0 +1,148 @@
+"""Celeriac messages to AMQP 1.0 messages and back.
+
+The body travels as one ``data`` section (bytes, untouched). Message properties map to their
+AMQP 1.0 fields: ``correlation_id``, ``reply_to``, ``message_id`` (``id``), content type and
+encoding, ``delivery_mode`` 2 -> ``durable``, ``priority``, ``expiration`` (ms) -> ``ttl``,
+``timestamp`` -> ``creation_time``. Headers become application properties where the value is a
+simple AMQP type (string, integer, float, boolean, binary, null); application properties may not
+hold lists or maps, so headers such as ``timelimit`` or ``stamps`` and the properties without an
+AMQP 1.0 field travel JSON-encoded in the one property ``x-celeriac-json``.
+
+A message from another AMQP 1.0 client is read too: an ``amqp-value`` string body is taken as
+UTF-8 text. What cannot be read (a map or list body, non-string property keys, broken
+``x-celeriac-json``) raises :class:`celeriac.exceptions.DecodeError`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from celeriac.exceptions import DecodeError
+from celeriac.protocol import Message
+from proton import Message as AMQPMessage
+from proton import symbol
+
+__all__ = ["JSON_PROPERTY", "decode", "encode", "message_id"]
+
+JSON_PROPERTY = "x-celeriac-json"
+_LONG = 1 << 63
+_MAPPED = {"correlation_id", "reply_to", "message_id"}
+
+
+def _simple(value: Any) -> bool:
+    if value is None or isinstance(value, str | bytes | float | bool):
+        return True
+    return isinstance(value, int) and -_LONG <= value < _LONG
+
+
+def encode(message: Message, subject: str | None = None) -> bytes:
+    """The AMQP 1.0 encoding of ``message`` (bare message with header and properties).
+
+    Raises ``TypeError``/``ValueError`` for headers JSON cannot encode.
+    """
+    props = message.properties or {}
+    out = AMQPMessage()
+    out.inferred = True
+    body = message.body
+    out.body = body if isinstance(body, bytes) else bytes(body)
+    if message.content_type:
+        out.content_type = message.content_type
+    if message.content_encoding:
+        out.content_encoding = message.content_encoding
+    app: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in (message.headers or {}).items():
+        if _simple(value):
+            app[str(key)] = value
+        else:
+            extra[str(key)] = value
+    rest: dict[str, Any] = {}
+    for key, value in props.items():
+        if value is None:
+            continue
+        if key == "correlation_id":
+            out.correlation_id = str(value)
+        elif key == "reply_to":
+            out.reply_to = str(value)
+        elif key == "message_id":
+            out.id = str(value)
+        elif key == "delivery_mode" and int(value) == 2:
+            out.durable = True
+        else:
+            rest[key] = value
+            if key == "priority":
+                out.priority = max(0, min(255, int(value)))
+            elif key == "expiration":
+                out.ttl = max(0.0, float(value) / 1000.0)
+            elif key == "timestamp":
+                out.creation_time = float(value)
+    if subject is not None:
+        out.subject = subject
+    if extra or rest:
+        app[JSON_PROPERTY] = json.dumps({"h": extra, "p": rest}, separators=(",", ":"))
+    out.properties = app
+    return out.encode()  # type: ignore[no-any-return]
+
+
+def _text(value: Any) -> str:
+    return str(value) if not isinstance(value, bytes) else value.decode("utf-8", "replace")
+
+
+def message_id(raw: AMQPMessage) -> str:
+    """The best id of a received message for logs: the ``id`` header, else the message id."""
+    props = raw.properties if isinstance(raw.properties, dict) else {}
+    return str(props.get("id") or raw.id or raw.correlation_id or "<no id>")
+
+
+def decode(raw: AMQPMessage) -> Message:
+    """Turn a received AMQP 1.0 message into a :class:`Message`.
+
+    Raises ``DecodeError`` for a body or properties Celeriac cannot use.
+    """
+    body = raw.body
+    if body is None:
+        data = b""
+    elif isinstance(body, bytes):
+        data = body
+    elif isinstance(body, memoryview | bytearray):
+        data = bytes(body)
+    elif isinstance(body, str):
+        data = body.encode("utf-8")
+    else:
+        raise DecodeError(f"the body is an AMQP value of type {type(body).__name__}, not data or text")
+    headers: dict[str, Any] = {}
+    blob: Any = None
+    for key, value in (raw.properties or {}).items():
+        if not isinstance(key, str):
+            raise DecodeError(f"application property key {key!r} is not a string")
+        if key == JSON_PROPERTY:
+            blob = value
+        else:
+            headers[key] = str(value) if isinstance(value, symbol) else value
+    props: dict[str, Any] = {}
+    if raw.correlation_id is not None:
+        props["correlation_id"] = _text(raw.correlation_id)
+    if raw.reply_to is not None:
+        props["reply_to"] = _text(raw.reply_to)
+    if raw.id is not None:
+        props["message_id"] = _text(raw.id)
+    props["delivery_mode"] = 2 if raw.durable else 1
+    if blob is None:
+        if raw.priority is not None and raw.priority != 4:
+            props["priority"] = raw.priority
+        if raw.ttl:
+            props["expiration"] = str(int(raw.ttl * 1000))
+        if raw.creation_time:
+            props["timestamp"] = int(raw.creation_time)
+    else:
+        try:
+            extra = json.loads(blob)
+            headers.update(extra["h"])
+            props.update(extra["p"])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise DecodeError(f"the {JSON_PROPERTY} property cannot be read: {exc!r}") from None
+    content_type = str(raw.content_type) if raw.content_type else "application/data"
+    encoding = str(raw.content_encoding) if raw.content_encoding else (
+        "utf-8" if isinstance(body, str) else "binary")
+    return Message(headers, props, data, content_type, encoding)

@@ -1,0 +1,65 @@
+"""Helpers of this package's tests: URLs, queue names, queue removal, RabbitMQ restarts.
+
+AMQP 1.0 cannot delete a queue, so tests delete theirs afterwards over AMQP 0-9-1 with pika
+(a test-only dependency) when it is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterable
+
+from celeriac.testing.process import server_reachable
+
+QPID_URL = os.environ.get("CELERIAC_TEST_QPID_URL", "qpid://guest:guest@localhost:5672//")
+#: The same server over AMQP 0-9-1, for deleting test queues (and the bench's comparison).
+AMQP_URL = os.environ.get("CELERIAC_TEST_AMQP_URL", "amqp://guest:guest@localhost:5672//")
+PREFIX = "celeriac-qpidtest-"
+
+
+def unique(kind: str) -> str:
+    """A queue name of this package's tests."""
+    return f"{PREFIX}{kind}-{uuid.uuid4().hex[:10]}"
+
+
+def delete_queues(names: Iterable[str]) -> None:
+    """Delete ``names`` over AMQP 0-9-1 (best effort; nothing happens without pika)."""
+    names = list(names)
+    if not names:
+        return
+    try:
+        import pika
+    except ImportError:
+        return
+    with contextlib.suppress(Exception):
+        connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL.replace("//", "/%2F", 1)
+                                                                if AMQP_URL.endswith("//") else AMQP_URL))
+        try:
+            for name in names:
+                channel = connection.channel()
+                with contextlib.suppress(Exception):
+                    channel.queue_delete(name)
+                with contextlib.suppress(Exception):
+                    channel.close()
+        finally:
+            connection.close()
+
+
+def rabbitmq_running() -> bool:
+    """True when RabbitMQ accepts connections on 5672."""
+    return server_reachable(QPID_URL, 5672)
+
+
+def ensure_rabbitmq_running(timeout: float = 60.0) -> None:
+    """Start the RabbitMQ application if a test stopped it, and wait until it accepts clients."""
+    deadline = time.monotonic() + timeout
+    subprocess.run(["rabbitmqctl", "start_app"], capture_output=True, timeout=timeout, check=False)
+    while time.monotonic() < deadline:
+        if rabbitmq_running():
+            return
+        time.sleep(0.2)
+    raise RuntimeError("RabbitMQ did not come back")
