@@ -273,21 +273,36 @@ def _broker_url(kind: str, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path}/broker.db"
     if importlib.util.find_spec("celeriac_redis") is None:
         pytest.skip("celeriac-redis is not installed")
+    if kind == "celery-redis" and importlib.util.find_spec("celery") is None:
+        pytest.skip("celery is not installed (it is a test-only dependency)")
     return require_server("Redis", REDIS_URL, 6379, "CELERIAC_TEST_REDIS_URL")
 
 
+APP_MODULE = {
+    "celeriac": """
+        from celeriac import Celeriac
+        app = Celeriac("evapp", task_default_queue={queue!r})
+    """,
+    "celery": """
+        from celery import Celery
+        app = Celery("evapp", broker={url!r})
+        app.conf.task_default_queue = {queue!r}
+    """,
+}
+
+
 @pytest.mark.skipif(TMUX is None, reason="tmux is not installed")
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "celery-redis"])
 def test_live_screen_in_a_real_terminal(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         spawn_worker: Callable[..., WorkerProcess],
                                         tmux_sessions: list[Tmux]) -> None:
     url = _broker_url(kind, tmp_path)
     tag = uuid.uuid4().hex[:8]
     queue, node = f"evmon-{tag}", f"mon{tag}@test"
-    (tmp_path / "evapp.py").write_text(textwrap.dedent(f"""
-        from celeriac import Celeriac
-        app = Celeriac("evapp", task_default_queue={queue!r})
-
+    # celery-redis: Celery's own worker sends the events (Celery's field shapes, batched lists).
+    program = "celery" if kind.startswith("celery") else "celeriac"
+    (tmp_path / "evapp.py").write_text(textwrap.dedent(APP_MODULE[program]).format(url=url, queue=queue)
+                                       + textwrap.dedent("""
         @app.task
         def add(x, y):
             return x + y
@@ -299,9 +314,14 @@ def test_live_screen_in_a_real_terminal(kind: str, tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("CELERIAC_BROKER_URL", url)  # the worker, the monitor and this client
     monkeypatch.delenv("CELERIAC_RESULT_BACKEND", raising=False)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    worker = spawn_worker([CELERIAC, "-A", "evapp", "worker", "-E", "-P", "threads", "-c", "2", "-n", node,
-                           "-l", "info"], cwd=tmp_path)
-    tmux = Tmux(f"stty -g > stty.before; {shlex.quote(CELERIAC)} -A evapp events; echo $? > monitor.rc; "
+    # Celery's own threads pool drops some of its task events (`celery events --dump` misses them
+    # too), so Celery's worker runs with the solo pool.
+    pool = ["-P", "threads", "-c", "2"] if program == "celeriac" else ["-P", "solo", "--without-mingle",
+                                                                         "--without-gossip"]
+    worker = spawn_worker([str(Path(sys.executable).parent / program), "-A", "evapp", "worker", "-E", *pool,
+                           "-n", node, "-l", "info"], cwd=tmp_path)
+    app_option = "-A evapp" if program == "celeriac" else ""  # else the broker URL comes from the environment
+    tmux = Tmux(f"stty -g > stty.before; {shlex.quote(CELERIAC)} {app_option} events; echo $? > monitor.rc; "
                 "stty -g > stty.after; exec sleep 120", tmp_path)
     tmux_sessions.append(tmux)
     worker.wait_ready()
