@@ -17,3 +17,6 @@ app.conf.update(
     result_expires=3600,
 )
 
+
+if __name__ == "__main__":
+    app.start()
