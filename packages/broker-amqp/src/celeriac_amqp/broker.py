@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import threading
 import time
 import weakref
@@ -106,6 +107,24 @@ def _delay_target(exchange: str, routing_key: str, queue: Queue | None) -> str |
     return None
 
 
+class _GreenShared:
+    """The broker's per-thread state when gevent or eventlet patched the process: their
+    ``threading.local`` is per greenlet, which would open a connection per task and let the
+    dead-thread pruning close links still in use. Every greenlet shares one link instead,
+    one call at a time (``lock`` is a green lock)."""
+
+    def __init__(self) -> None:
+        self.link: Link | None = None
+        self.lock = threading.RLock()
+
+
+def _thread_state() -> Any:
+    """A ``threading.local`` normally; one :class:`_GreenShared` in a green process."""
+    if socket.socket.__module__.partition(".")[0] in ("gevent", "eventlet"):
+        return _GreenShared()
+    return threading.local()
+
+
 def _forget_after_fork(broker: AMQPBroker) -> None:
     """In a forked child (prefork pools), drop the parent's connections without touching them:
     their sockets belong to the parent. The child opens its own at first use."""
@@ -114,7 +133,7 @@ def _forget_after_fork(broker: AMQPBroker) -> None:
     def reset() -> None:
         child = ref()
         if child is not None:
-            child._local = threading.local()
+            child._local = _thread_state()
             child._links = {}
             child._lock = threading.Lock()
             child._consumers = set()
@@ -137,7 +156,7 @@ class AMQPBroker(Broker):
         self.retry_policy = RetryPolicy.from_conf(conf)
         heartbeat = conf.get("broker_heartbeat")
         self.heartbeat = 120.0 if heartbeat is None else float(heartbeat)
-        self._local = threading.local()
+        self._local = _thread_state()
         self._links: dict[int, Link] = {}
         self._lock = threading.Lock()
         self._consumers: set[AMQPConsumer] = set()
@@ -171,8 +190,11 @@ class AMQPBroker(Broker):
         link = self._open_link(self.confirm_publish)
         self._local.link = link
         with self._lock:
-            self._links[threading.get_ident()] = link
-            self._prune_dead_threads()
+            if isinstance(self._local, _GreenShared):
+                self._links[0] = link
+            else:
+                self._links[threading.get_ident()] = link
+                self._prune_dead_threads()
         return link
 
     def _prune_dead_threads(self) -> None:
@@ -184,7 +206,7 @@ class AMQPBroker(Broker):
         link: Link | None = getattr(self._local, "link", None)
         self._local.link = None
         with self._lock:
-            self._links.pop(threading.get_ident(), None)
+            self._links.pop(0 if isinstance(self._local, _GreenShared) else threading.get_ident(), None)
         if link is not None:
             link.close()
 
@@ -194,9 +216,11 @@ class AMQPBroker(Broker):
         deadline = time.monotonic() + (self.publish_retry_timeout if retry_for is None else retry_for)
         intervals = self.retry_policy.intervals()
         warned = False
+        lock = getattr(self._local, "lock", None) or contextlib.nullcontext()
         while True:
             try:
-                return op(self._thread_link())
+                with lock:
+                    return op(self._thread_link())
             except FatalConnectionError:
                 raise
             except pex.ChannelClosedByBroker as exc:
@@ -340,4 +364,4 @@ class AMQPBroker(Broker):
             consumer.close()
         for link in links:
             link.close()
-        self._local = threading.local()
+        self._local = _thread_state()

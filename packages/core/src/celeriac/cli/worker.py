@@ -38,6 +38,24 @@ def _write_pidfile(path: str) -> None:
         handle.write(f"{os.getpid()}\n")
 
 
+def _early_pool_factory(name: str) -> Any:
+    """The factory of pool ``name`` from the plugin whose entry point has that name, loading
+    no other plugin: a green pool must monkey-patch before the other plugins import their
+    client libraries (pika, redis, ssl). None when there is no such plugin."""
+    from importlib import metadata
+
+    blocked = {n.strip() for n in os.environ.get("CELERIAC_DISABLED_PLUGINS", "").split(",")}
+    if os.environ.get("CELERIAC_DISABLE_PLUGIN_AUTOLOAD") or name in blocked:
+        return None
+    for entry_point in metadata.entry_points(group="celeriac", name=name):
+        try:
+            hook = getattr(entry_point.load(), "celeriac_pools", None)
+            return (hook() or {}).get(name) if hook is not None else None
+        except Exception:  # the full plugin scan reports it
+            return None
+    return None
+
+
 def _detach(logfile: str | None) -> None:
     if os.fork() > 0:
         os._exit(0)
@@ -93,7 +111,7 @@ def worker(ctx: CLIContext, loglevel: str, concurrency: int | None, pool: str | 
     if logfile:
         logfile = os.path.abspath(logfile)
     if pool:
-        factory: Any = pool_factory(pool)
+        factory: Any = _early_pool_factory(pool) or pool_factory(pool)
         early_init = getattr(factory, "early_init", None)
         if early_init is not None:
             early_init()

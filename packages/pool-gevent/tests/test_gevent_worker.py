@@ -1,0 +1,340 @@
+"""``celeriac worker -P gevent`` through the real command line, on the live Redis and RabbitMQ.
+
+Every patched process is a subprocess: this pytest process is never monkey-patched (the whole
+suite shares it). The clients here are plain, unpatched Celeriac clients.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+from celeriac.exceptions import TimeLimitExceeded
+from celeriac.testing.process import WorkerProcess, require_server
+
+POOL = "gevent"
+HERE = Path(__file__).resolve().parent
+CELERIAC = [sys.executable, "-m", "celeriac.cli.main"]
+REDIS_URL = os.environ.get("CELERIAC_TEST_REDIS_URL", "redis://localhost:6379/9")
+AMQP_URL = os.environ.get("CELERIAC_TEST_AMQP_URL", "amqp://guest:guest@localhost:5672//")
+# The tutorial uses the default queues (celery, hipri, lopri) and expects exactly one worker to
+# answer ``inspect ping``: it runs on a Redis database and a RabbitMQ virtual host of its own,
+# so workers and tests running elsewhere on the same servers cannot take its messages.
+TUTORIAL_REDIS_URL = os.environ.get("CELERIAC_TEST_GREEN_REDIS_URL", "redis://localhost:6379/11")
+TUTORIAL_VHOST = "celeriac-green-tests"
+
+
+def _redis() -> str:
+    return require_server("Redis", REDIS_URL, 6379, "CELERIAC_TEST_REDIS_URL")
+
+
+def _amqp() -> str:
+    return require_server("RabbitMQ", AMQP_URL, 5672, "CELERIAC_TEST_AMQP_URL")
+
+
+def _vhost_reachable(url: str) -> bool:
+    import pika
+
+    try:
+        pika.BlockingConnection(pika.URLParameters(url)).close()
+    except Exception:
+        return False
+    return True
+
+
+def _tutorial_amqp_url() -> str:
+    """The RabbitMQ URL of the tutorial's own virtual host, created with ``rabbitmqctl`` the
+    first time (the default vhost when rabbitmqctl is not there)."""
+    base = urlsplit(_amqp())
+    url = urlunsplit(base._replace(path="/" + TUTORIAL_VHOST))
+    if _vhost_reachable(url):
+        return url
+    if shutil.which("rabbitmqctl") is None:
+        return urlunsplit(base)
+    for command in (["add_vhost", TUTORIAL_VHOST],
+                    ["set_permissions", "-p", TUTORIAL_VHOST, base.username or "guest", ".*", ".*", ".*"]):
+        subprocess.run(["rabbitmqctl", "-q", *command], capture_output=True, timeout=120, check=False)
+    assert _vhost_reachable(url), f"could not create the RabbitMQ virtual host {TUTORIAL_VHOST!r}"
+    return url
+
+
+def _wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# -- the patching hook, without a broker ----------------------------------------------------------
+
+PATCH_PROBE = f"""
+import json, ssl, sys, threading
+from celeriac.plugins.manager import pool_factory
+factory = pool_factory({POOL!r})
+before = factory.patched
+factory.early_init()
+import socket
+print(json.dumps({{"before": before, "patched": factory.patched, "late": list(factory.patched_late),
+                  "description": factory.description, "socket": socket.socket.__module__}}))
+"""
+
+
+def test_early_init_patches_and_reports_a_late_ssl_import() -> None:
+    out = subprocess.run([sys.executable, "-c", PATCH_PROBE], capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["before"] is False and got["patched"] is True
+    assert got["socket"].startswith(POOL)
+    assert "ssl" in got["late"]
+    assert "monkey-patched" in got["description"] and "late" in got["description"]
+
+
+POOL_PROBE = f"""
+import json, time
+from celeriac.plugins.manager import pool_factory
+factory = pool_factory({POOL!r})
+factory.early_init()
+from celeriac.exceptions import SoftTimeLimitExceeded
+pool = factory(concurrency=2)
+done, seen = [], {{}}
+
+def job(i, delay):
+    seen[i] = pool.running
+    try:
+        time.sleep(delay)
+    except SoftTimeLimitExceeded:
+        return ("interrupted", i)
+    return ("ok", i)
+
+handles = [pool.apply_async(job, (i, 0.2), done.append) for i in range(5)]
+time.sleep(0.01)
+out = {{"running": pool.running, "waiting": pool.waiting}}
+pool.grow(2)
+out["grown"] = pool.concurrency
+time.sleep(0.01)
+out["running_after_grow"] = pool.running
+pool.shrink(10)
+out["shrunk"] = pool.concurrency
+pool.stop(wait=True)
+out["warm"] = sorted(map(list, done))
+long = pool.apply_async(job, (9, 5.0), done.append)
+time.sleep(0.05)
+out["soft"] = pool.raise_soft_timeout(long, SoftTimeLimitExceeded)
+time.sleep(0.05)
+out["after_soft"] = list(done[-1])
+out["soft_again"] = pool.raise_soft_timeout(long, SoftTimeLimitExceeded)
+stuck = pool.apply_async(job, (10, 30.0), done.append)
+time.sleep(0.05)
+started = time.monotonic()
+pool.stop(wait=False)
+out["cold_took"] = time.monotonic() - started
+out["cold_result"] = type(done[-1]).__name__
+print(json.dumps(out))
+"""
+
+
+def test_pool_queues_beyond_its_limit_grows_shrinks_interrupts_and_stops() -> None:
+    out = subprocess.run([sys.executable, "-c", POOL_PROBE], capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["running"] == 2 and got["waiting"] == 3
+    assert got["grown"] == 4 and got["running_after_grow"] == 4
+    assert got["shrunk"] == 1
+    assert got["warm"] == [["ok", i] for i in range(5)]
+    assert got["soft"] is True and got["after_soft"] == ["interrupted", 9]
+    assert got["soft_again"] is False  # the job has ended
+    assert got["cold_took"] < 2 and got["cold_result"] == "GreenletExit"
+
+
+# -- the guide's tutorial -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+def test_the_repository_tutorial(broker: str) -> None:
+    """``examples/tutorial.py`` (every call of the tutorial, inspect and revoke included) with
+    its worker on ``-P gevent``: Redis as broker and backend, or RabbitMQ with ``rpc://``."""
+    if broker == "redis":
+        url = require_server("Redis", TUTORIAL_REDIS_URL, 6379, "CELERIAC_TEST_GREEN_REDIS_URL")
+        env = {"CELERIAC_BROKER_URL": url, "CELERIAC_RESULT_BACKEND": url}
+    else:
+        env = {"CELERIAC_BROKER_URL": _tutorial_amqp_url(), "CELERIAC_RESULT_BACKEND": "rpc://"}
+    done = subprocess.run([sys.executable, str(HERE / "green_tutorial.py"), POOL],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=150,
+                          check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "All tutorial calls gave the expected answers." in done.stdout
+    assert f"({POOL}" in done.stdout  # the banner names the pool
+
+
+# -- limits, shutdowns, redelivery ----------------------------------------------------------------
+
+APP = """
+import os, socket, time
+from celeriac import Celeriac
+from celeriac.exceptions import SoftTimeLimitExceeded
+
+app = Celeriac("greenapp", broker=os.environ["GREEN_BROKER"], backend=os.environ["GREEN_BACKEND"])
+app.conf.task_default_queue = os.environ["GREEN_QUEUE"]
+app.conf.broker_transport_options = {"global_keyprefix": os.environ["GREEN_QUEUE"] + "_"}
+app.conf.result_backend_transport_options = {"global_keyprefix": os.environ["GREEN_QUEUE"] + "_"}
+TALLY = os.environ["GREEN_TALLY"]
+
+
+def note(text):
+    fd = os.open(TALLY, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (text + "\\n").encode())
+    finally:
+        os.close(fd)
+
+
+@app.task(soft_time_limit=0.5)
+def soft():
+    try:
+        time.sleep(10)
+    except SoftTimeLimitExceeded:
+        return "soft limit caught"
+    return "not interrupted"
+
+
+@app.task(time_limit=0.5)
+def hard():
+    time.sleep(10)
+    return "not killed"
+
+
+@app.task
+def where():
+    return socket.socket.__module__
+
+
+@app.task(acks_late=True)
+def slow(i, delay):
+    note(f"start {i} {os.getpid()}")
+    if os.path.exists(TALLY + f".done{i}"):
+        delay = 0.05  # a redelivery: finish at once
+    open(TALLY + f".done{i}", "w").close()
+    time.sleep(delay)
+    note(f"end {i} {os.getpid()}")
+    return i
+"""
+
+
+@pytest.fixture
+def green_app(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], str]]:
+    """Writes the test app; yields (directory, worker environment, module name)."""
+    name = f"greenapp_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(APP)
+    queue = f"celeriac-green-{uuid.uuid4().hex[:10]}"
+    env = {"GREEN_QUEUE": queue, "GREEN_TALLY": str(tmp_path / "tally")}
+    sys.path.insert(0, str(tmp_path))
+    try:
+        yield tmp_path, env, name
+    finally:
+        sys.path.remove(str(tmp_path))
+        module = sys.modules.pop(name, None)
+        if module is not None:
+            module.app.close()
+
+
+def _spawn(cwd: Path, env: dict[str, str], module: str, tag: str) -> WorkerProcess:
+    full = {**os.environ, **env, "PYTHONPATH": str(cwd)}
+    argv = [*CELERIAC, "-A", module, "worker", "-l", "info", "-P", POOL, "-c", "100",
+            "-n", f"{tag}-{uuid.uuid4().hex[:6]}@%h"]
+    worker = WorkerProcess(argv, str(cwd), full, str(cwd / f"{tag}.log"))
+    worker.wait_ready()
+    return worker
+
+
+def _client(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], module: str) -> Any:
+    for key, value in env.items():  # the app module reads them at import
+        monkeypatch.setenv(key, value)
+    return importlib.import_module(module)
+
+
+def _tally(cwd: Path, word: str) -> list[str]:
+    path = cwd / "tally"
+    if not path.exists():
+        return []
+    return [line.split()[1] for line in path.read_text().splitlines() if line.startswith(word + " ")]
+
+
+def test_time_limits_inspect_active_and_warm_shutdown_on_redis(
+        green_app: tuple[Path, dict[str, str], str], monkeypatch: pytest.MonkeyPatch) -> None:
+    cwd, env, module = green_app
+    url = _redis()
+    env = {**env, "GREEN_BROKER": url, "GREEN_BACKEND": url}
+    worker = _spawn(cwd, env, module, "limits")
+    try:
+        mod = _client(monkeypatch, env, module)
+        assert mod.where.delay().get(timeout=15).startswith(POOL)  # the task ran patched
+        assert mod.soft.delay().get(timeout=15) == "soft limit caught"
+        hard = mod.hard.delay()
+        with pytest.raises(TimeLimitExceeded):
+            hard.get(timeout=15)
+        assert hard.state == "FAILURE"
+        # the worker goes on: three acks_late tasks run at once, and inspect sees them
+        results = [mod.slow.delay(i, 2.5) for i in range(3)]
+        _wait_for(lambda: len(_tally(cwd, "start")) == 3, 15, "three running tasks")
+        active = mod.app.control.inspect(timeout=1.5).active() or {}
+        running = {task["id"] for tasks in active.values() for task in tasks}
+        assert {r.id for r in results} <= running, active
+        # warm shutdown waits for them
+        os.killpg(worker.proc.pid, signal.SIGTERM)
+        assert worker.proc.wait(20) == 0
+        assert sorted(_tally(cwd, "end")) == ["0", "1", "2"]
+        assert [r.get(timeout=10) for r in results] == [0, 1, 2]
+        assert "Warm shutdown" in worker.log()
+    finally:
+        worker.stop()
+
+
+def test_cold_shutdown_and_kill_9_redeliver_acks_late_work_on_rabbitmq(
+        green_app: tuple[Path, dict[str, str], str], monkeypatch: pytest.MonkeyPatch) -> None:
+    cwd, env, module = green_app
+    env = {**env, "GREEN_BROKER": _amqp(), "GREEN_BACKEND": "rpc://"}
+    first = _spawn(cwd, env, module, "cold")
+    workers = [first]
+    try:
+        mod = _client(monkeypatch, env, module)
+        results = [mod.slow.delay(i, 60) for i in range(2)]
+        _wait_for(lambda: len(_tally(cwd, "start")) == 2, 15, "two running tasks")
+        started = time.monotonic()
+        os.killpg(first.proc.pid, signal.SIGQUIT)  # cold shutdown: running tasks are killed
+        assert first.proc.wait(15) != 0
+        assert time.monotonic() - started < 10
+        assert "Cold shutdown" in first.log()
+        assert _tally(cwd, "end") == []
+        # the acks_late messages were not acked: the next worker runs them
+        second = _spawn(cwd, env, module, "second")
+        workers.append(second)
+        assert sorted(r.get(timeout=20) for r in results) == [0, 1]
+        # kill -9 while acks_late work runs: a third worker gets it at once
+        more = [mod.slow.delay(i, 60) for i in range(10, 12)]
+        _wait_for(lambda: {"10", "11"} <= set(_tally(cwd, "start")), 15, "two more running tasks")
+        second.kill()
+        third = _spawn(cwd, env, module, "third")
+        workers.append(third)
+        assert sorted(r.get(timeout=20) for r in more) == [10, 11]
+    finally:
+        for worker in workers:
+            worker.stop()
+        mod = sys.modules.get(module)
+        if mod is not None:
+            mod.app.broker.delete_queue(env["GREEN_QUEUE"])
