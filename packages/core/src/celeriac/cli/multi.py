@@ -110,6 +110,7 @@ class _Multi:
         self.settings = settings
         self.passthrough = passthrough
         self.out = _Output(settings)
+        self.failures = 0  # nodes that could not be signalled
 
     # -- validation: everything is checked before any node starts ------------------------------
 
@@ -237,6 +238,11 @@ class _Multi:
                 self.out.note(f"Could not signal {node.nodename} ({pid}): No such process")
                 del running[node]
                 down(node)
+            except PermissionError:
+                click.echo(f"Could not signal {node.nodename} ({pid}): permission denied; run multi as the "
+                           "user that started the worker.", err=True)
+                del running[node]
+                self.failures += 1
             else:
                 self.out.note(f"\t> {node.nodename}: {name} -> {pid}")
         if wait:
@@ -277,7 +283,7 @@ class _Multi:
                 failed.append(node)
 
         self.stop(sig, wait=True, on_down=start_again)
-        return 1 if failed else 0
+        return 1 if failed or self.failures else 0
 
     def kill(self) -> int:
         """SIGKILL every running node and remove the pid files it leaves; the exit code."""
@@ -288,8 +294,15 @@ class _Multi:
                 self.out.note(f"> {node.nodename}: {self.out.status('DOWN')}")
                 continue
             self.out.note(f"Sending KILL to node {node.nodename} ({pid})")
-            with contextlib.suppress(ProcessLookupError):
+            try:
                 os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                click.echo(f"Could not signal {node.nodename} ({pid}): permission denied; run multi as the "
+                           "user that started the worker.", err=True)
+                self.failures += 1
+                continue
             killed.append((node, pid))
         deadline = time.monotonic() + 10
         while killed and time.monotonic() < deadline:  # then clear the pid files the workers could not
@@ -297,7 +310,7 @@ class _Multi:
             time.sleep(0.05)
         for node in self.nodes:
             node_pid(node)
-        return 0
+        return 1 if self.failures else 0
 
 
 def _worker_command(click_ctx: click.Context) -> click.Command | None:
@@ -399,6 +412,10 @@ def multi(click_ctx: click.Context) -> None:
     except MultiUsageError as exc:
         click.echo(f"Error: {exc}", err=True)
         click_ctx.exit(2)
+    except KeyboardInterrupt:
+        click.echo("\nInterrupted: the nodes already signalled or started keep going; run the same "
+                   "command again to finish.", err=True)
+        click_ctx.exit(130)
     click_ctx.exit(code)
 
 
@@ -446,4 +463,4 @@ def _run(click_ctx: click.Context, words: list[str]) -> int:
     if action == "restart":
         return tool.restart(sig)
     tool.stop(sig, wait=action == "stopwait")
-    return 0
+    return 1 if tool.failures else 0
