@@ -233,6 +233,7 @@ class Tmux:
         assert TMUX is not None
         self.base = [TMUX, "-L", f"celeriac-test-{uuid.uuid4().hex[:12]}", "-f", "/dev/null"]
         self.run("new-session", "-d", "-x", str(width), "-y", str(height), "-c", str(cwd), command)
+        self.socket = self.run("display-message", "-p", "#{socket_path}").strip()
 
     def run(self, *args: str) -> str:
         out = subprocess.run([*self.base, *args], capture_output=True, text=True, timeout=10)
@@ -258,6 +259,8 @@ class Tmux:
 
     def kill(self) -> None:
         subprocess.run([*self.base, "kill-server"], capture_output=True, timeout=10)
+        if self.socket:
+            Path(self.socket).unlink(missing_ok=True)  # tmux leaves it behind
 
 
 @pytest.fixture
