@@ -300,10 +300,12 @@ def project(tmp_path: Path) -> Iterator[Callable[..., Project]]:
 
 def _status(project: Project, wanted: str) -> subprocess.CompletedProcess[str]:
     """``celeriac -A app status``, repeated until its output contains ``wanted`` (or 40 s pass)."""
-    outputs = [project.celeriac("-A", "app", "status", "-t", "2")]
-    _wait_for(lambda: wanted in outputs[-1].stdout
-              or bool(outputs.append(project.celeriac("-A", "app", "status", "-t", "2"))), 40)
-    return outputs[-1]
+    deadline = time.monotonic() + 40
+    while True:
+        out = project.celeriac("-A", "app", "status", "-t", "2")
+        if wanted in out.stdout or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
 
 
 def _ping(project: Project, nodes: list[str], *extra: str) -> dict[str, Any]:
