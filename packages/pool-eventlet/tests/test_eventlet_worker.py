@@ -338,3 +338,23 @@ def test_cold_shutdown_and_kill_9_redeliver_acks_late_work_on_rabbitmq(
         mod = sys.modules.get(module)
         if mod is not None:
             mod.app.broker.delete_queue(env["GREEN_QUEUE"])
+
+
+def test_embedded_sqlite_broker_and_backend_keep_few_connections(
+        green_app: tuple[Path, dict[str, str], str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded broker and backend under the patched pool: 300 concurrent tasks, and the
+    worker does not keep a database connection per greenlet."""
+    cwd, env, module = green_app
+    env = {**env, "GREEN_BROKER": f"sqlite:///{cwd}/broker.db", "GREEN_BACKEND": f"sqlite:///{cwd}/results.db"}
+    worker = _spawn(cwd, env, module, "sqlite")
+    try:
+        mod = _client(monkeypatch, env, module)
+        started = time.monotonic()
+        results = [mod.slow.delay(i, 1.0) for i in range(300)]
+        assert [r.get(timeout=30) for r in results] == list(range(300))
+        assert time.monotonic() - started < 25  # concurrent, not 300 s
+        fd_dir = Path(f"/proc/{worker.proc.pid}/fd")
+        if fd_dir.is_dir():
+            assert len(list(fd_dir.iterdir())) < 100
+    finally:
+        worker.stop()

@@ -62,6 +62,19 @@ def _chunks(ids: Sequence[str]) -> Iterator[tuple[str, Sequence[str]]]:
         yield ",".join("?" * len(part)), part
 
 
+def _connection_state() -> Any:
+    """Where a thread keeps its connection: a ``threading.local``, except in a process that
+    gevent or eventlet patched, whose ``threading.local`` is per greenlet (a new connection for
+    every task, each kept open in ``_connections``): all greenlets run in one OS thread there
+    and share one connection."""
+    import socket
+    import types
+
+    if socket.socket.__module__.partition(".")[0] in ("gevent", "eventlet"):
+        return types.SimpleNamespace()
+    return threading.local()
+
+
 class SQLiteBackend(ResultBackend):
     """Result backend in an SQLite file; thread- and process-safe.
 
@@ -77,7 +90,7 @@ class SQLiteBackend(ResultBackend):
         options = conf.get("result_backend_transport_options") or {}
         self.busy_timeout = float(options.get("busy_timeout", 30))
         self.path = sqlite_path(url, self.default_file)
-        self._local = threading.local()
+        self._local = _connection_state()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._ready = False
@@ -269,4 +282,4 @@ class SQLiteBackend(ResultBackend):
                 conn.close()
             except sqlite3.Error:
                 pass
-        self._local = threading.local()
+        self._local = _connection_state()
