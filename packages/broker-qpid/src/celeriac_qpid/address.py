@@ -12,8 +12,10 @@ link. The dialect (transport option ``address_dialect``) says how:
 ``rabbitmq`` (default; RabbitMQ's AMQP 1.0 plugin)
     queue ``NAME`` -> ``/queue/NAME`` (declared on attach; durable as the Queue says),
     an existing queue of unknown settings -> ``/amq/queue/NAME``,
-    exchange ``X`` with routing key ``K`` -> ``/exchange/X/K`` (the exchange must exist),
-    broadcasts -> ``/topic/<X>.<K>`` on ``amq.topic`` (subscribers get an exclusive queue).
+    broadcasts, and messages for an exchange ``X`` with routing key ``K`` that no queue known
+    here is bound to -> ``/topic/<X>.<K>`` on ``amq.topic`` (AMQP 1.0 cannot declare an exchange
+    on RabbitMQ 3.x); a transient queue bound to such an exchange (a remote-control reply queue)
+    is consumed from ``/topic/<X>.<binding key>`` (RabbitMQ gives the link an exclusive queue).
 ``plain`` (Qpid Broker-J, ActiveMQ Artemis, Azure Service Bus, Solace ...)
     queue ``NAME`` -> ``NAME``; exchange ``X`` -> address ``X`` with subject ``K``;
     broadcasts -> address ``X`` with the ``topic`` capability (multicast), routing key in the
@@ -185,7 +187,9 @@ class RabbitMQDialect(Dialect):
         return f"/amq/queue/{_seg(name)}"
 
     def exchange(self, exchange: str, routing_key: str) -> tuple[str, str | None]:
-        return f"/exchange/{_seg(exchange)}/{_seg(routing_key)}", None
+        # AMQP 1.0 cannot declare an exchange on RabbitMQ 3.x (and /exchange/X must exist):
+        # named exchanges are emulated on amq.topic, as broadcasts are.
+        return self.broadcast(exchange, routing_key)[:2]
 
     def broadcast(self, exchange: str, routing_key: str) -> tuple[str, str | None, tuple[str, ...]]:
         key = f"{_word(exchange)}.{routing_key}" if routing_key else _word(exchange)

@@ -8,7 +8,8 @@ AMQP 1.0 has no exchanges or bindings, so routing to named exchanges happens her
 remembers the queues declared through it (and the ``queue=`` a publisher passes), and a message
 for exchange ``X`` with routing key ``K`` goes to each known queue bound to ``X`` whose binding
 matches ``K`` (direct, topic or fanout rules). A message for an exchange nobody declared here
-goes to the dialect's exchange address (RabbitMQ: ``/exchange/X/K``, which must exist).
+goes to the dialect's exchange address (RabbitMQ: ``/topic/<X>.<K>`` on ``amq.topic``, where
+a remote-control reply queue bound to ``X`` is consumed; see :mod:`celeriac_qpid.address`).
 
 Capabilities: ``broadcast`` (remote control, events), ``reply_queues`` (``rpc://``) and
 ``batch``. Not declared: ``delay`` (AMQP 1.0 brokers differ; the worker holds ETA tasks),
@@ -121,8 +122,26 @@ class QpidBroker(Broker):
 
     # -- routing ------------------------------------------------------------------------------
 
+    @staticmethod
+    def _emulated(queue: Queue) -> bool:
+        """A transient queue bound to an exchange of another name (remote-control replies): it
+        exists only while consumed, as the dialect's subscription to that exchange."""
+        name = queue.exchange.name if queue.exchange is not None else ""
+        return bool(name) and name != queue.name and not queue.durable and bool(queue.auto_delete)
+
     def _queue_target(self, queue: Queue) -> Target:
+        if self._emulated(queue):
+            assert queue.exchange is not None
+            address, subject = self.dialect.exchange(queue.exchange.name, queue.binding_key)
+            return Target(address, subject=subject)
         return Target(self.dialect.queue(queue.name), durable=bool(queue.durable))
+
+    def _source(self, queue: Queue) -> Source:
+        if self._emulated(queue):
+            assert queue.exchange is not None
+            address, pattern, caps = self.dialect.subscription(queue.exchange.name, queue.binding_key)
+            return Source(queue.name, address, False, caps, pattern)
+        return Source(queue.name, self.dialect.queue(queue.name), bool(queue.durable))
 
     def _targets(self, exchange: str, routing_key: str, queue: Queue | None) -> list[Target]:
         if queue is not None and queue.name:
@@ -136,12 +155,11 @@ class QpidBroker(Broker):
             if known is not None:
                 return [self._queue_target(known)]
             return [Target(self.dialect.existing_queue(routing_key))]
-        matches = [q for q in list(self._declared.values())
-                   if q.exchange is not None and q.exchange.name == exchange and self._binds(q, routing_key)]
-        if matches:
-            return [self._queue_target(q) for q in matches]
-        if any(q.exchange is not None and q.exchange.name == exchange for q in list(self._declared.values())):
-            return []  # a known exchange, no matching binding: unroutable, as AMQP would drop it
+        bound = [q for q in list(self._declared.values()) if q.exchange is not None and q.exchange.name == exchange]
+        if bound and not all(self._emulated(q) for q in bound):
+            # an exchange known here: its bound queues (none matching: unroutable, dropped)
+            targets = {self._queue_target(q): None for q in bound if self._binds(q, routing_key)}
+            return list(targets)
         address, subject = self.dialect.exchange(exchange, routing_key)
         return [Target(address, subject=subject)]
 
@@ -167,7 +185,8 @@ class QpidBroker(Broker):
         if self._declared.get(queue.name) == queue:
             return
         self._remember(queue)
-        self.reactor.publish_attach(self._queue_target(queue), f"declare queue {queue.name!r}")
+        if not self._emulated(queue):
+            self.reactor.publish_attach(self._queue_target(queue), f"declare queue {queue.name!r}")
 
     def publish(self, message: Message, exchange: str, routing_key: str, *,
                 queue: Queue | None = None, not_before: float | None = None) -> None:
@@ -195,7 +214,7 @@ class QpidBroker(Broker):
         a queue or cannot be reached."""
         for queue in queues:
             self._remember(queue)
-        sources = [Source(q.name, self.dialect.queue(q.name), bool(q.durable)) for q in queues]
+        sources = [self._source(q) for q in queues]
         consumer = QpidConsumer(self.reactor, sources, prefetch, no_ack, self.options.attach_timeout)
         with self._lock:
             self._consumers.add(consumer)
@@ -205,6 +224,8 @@ class QpidBroker(Broker):
         """Remove the ready messages of ``queue`` by consuming them until the queue stays empty
         for a moment; return how many. AMQP 1.0 has no purge operation."""
         known = self._declared.get(queue)
+        if known is not None and self._emulated(known):
+            return 0
         source = Source(queue, self.dialect.queue(queue) if known else self.dialect.existing_queue(queue),
                         bool(known.durable) if known else False)
         try:
