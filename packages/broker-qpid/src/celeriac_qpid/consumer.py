@@ -45,6 +45,8 @@ logger = logging.getLogger("celeriac.qpid")
 
 #: Credit kept on a link when the consumer has no prefetch limit.
 WIDE_WINDOW = 1000
+#: How long ``fetch`` waits for the rest of a burst after its first delivery (seconds).
+LINGER = 0.002
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,11 +119,18 @@ class QpidConsumer(Consumer):
         if max_count <= 0:
             time.sleep(max(0.0, timeout))
             return out
+        lingered = False
         while len(out) < max_count:
             try:
                 left = deadline - time.monotonic()
                 item = self._out.get_nowait() if out or left <= 0 else self._out.get(timeout=min(left, 0.5))
             except queue_mod.Empty:
+                if out and not lingered:
+                    # the reactor thread is usually still decoding the rest of a burst: give it
+                    # a moment so a batch is returned, not its first message alone
+                    lingered = True
+                    time.sleep(LINGER)
+                    continue
                 if out or time.monotonic() >= deadline or self._closed:
                     break
                 self._raise_if_dead()
