@@ -37,7 +37,7 @@ KNOWN_PROVIDERS: dict[str, str] = {
     "redis": "celeriac-redis", "rediss": "celeriac-redis", "redis+socket": "celeriac-redis",
     "sentinel": "celeriac-redis", "rpc": "celeriac-rpc", "amqp10": "celeriac-qpid",
     "qpid": "celeriac-qpid", "prefork": "celeriac-prefork", "gevent": "celeriac-gevent",
-    "eventlet": "celeriac-eventlet",
+    "eventlet": "celeriac-eventlet", "kombu+": "celeriac-kombu",
 }
 
 
@@ -155,7 +155,7 @@ def plugin_infos() -> list[PluginInfo]:
 
 def _missing(kind: str, name: str, installed: Mapping[str, Any]) -> PluginNotFound:
     have = ", ".join(sorted(installed)) or "none"
-    hint = KNOWN_PROVIDERS.get(name)
+    hint = KNOWN_PROVIDERS.get(name) or KNOWN_PROVIDERS.get(name.split("+", 1)[0] + "+")
     advice = (f" Install it with: pip install {hint}" if hint
               else " No known package provides it; check the spelling or install its plugin.")
     broken = [i for i in _get().infos if i.error]
@@ -176,8 +176,13 @@ def broker_factory(url: str) -> Callable[..., Any]:
     scheme = _scheme(url)
     registry = _get()
     factory = registry.brokers.get(scheme)
+    # A scheme registered with a trailing "+" claims every scheme that starts with it
+    # (celeriac-kombu's "kombu+" serves kombu+sqs, kombu+sqla+postgresql ...); longest first.
+    while factory is None and "+" in scheme[:-1]:
+        scheme = scheme[:scheme.rindex("+", 0, len(scheme) - 1) + 1]
+        factory = registry.brokers.get(scheme)
     if factory is None:
-        raise _missing("broker", scheme, registry.brokers)
+        raise _missing("broker", _scheme(url), registry.brokers)
     return factory
 
 
