@@ -250,9 +250,9 @@ class QpidBroker(Broker):
         return count
 
     def delete_queue(self, queue: str) -> None:
-        """AMQP 1.0 cannot delete a node: purge ``queue`` and forget it here."""
+        """AMQP 1.0 cannot delete a node: purge ``queue`` (it stays declared on the broker; an
+        ``expires`` policy or ``rabbitmqctl delete_queue`` removes it)."""
         self.purge(queue)
-        self._declared.pop(queue, None)
 
     def broadcast(self, exchange: str, message: Message, routing_key: str = "") -> None:
         """Send ``message`` to every current subscriber of ``exchange`` (fire-and-forget,

@@ -1,0 +1,156 @@
+"""Nothing lost: a worker killed with SIGKILL while holding ``acks_late`` tasks, and RabbitMQ
+stopped and started (``rabbitmqctl stop_app``/``start_app``) while tasks flow.
+
+Bounded: a few hundred tasks, every worker and client process killed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qpid_support import delete_queues, unique
+
+CELERIAC = [sys.executable, "-m", "celeriac"]
+
+APP = """
+import os, time
+from celeriac import Celeriac
+
+app = Celeriac("relapp", broker=os.environ["REL_BROKER"])
+app.conf.task_default_queue = os.environ["REL_QUEUE"]
+app.conf.task_ignore_result = True
+
+
+def _tally(i):
+    fd = os.open(os.environ["REL_TALLY"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{i} {os.getpid()}\\n".encode())
+    finally:
+        os.close(fd)
+
+
+@app.task(acks_late=True)
+def work(i, delay=0.0):
+    if delay:
+        time.sleep(delay)
+    _tally(i)
+
+
+@app.task
+def record(i):
+    _tally(i)
+"""
+
+
+@pytest.fixture
+def rel_app(tmp_path: Path, qpid_url: str) -> Iterator[tuple[Path, dict[str, str]]]:
+    """The test app module; its queue is deleted after the workers stopped."""
+    (tmp_path / "relapp.py").write_text(APP)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "REL_BROKER": qpid_url,
+           "REL_QUEUE": unique("rel"), "REL_TALLY": str(tmp_path / "tally")}
+    yield tmp_path, env
+    delete_queues([env["REL_QUEUE"]])
+
+
+def _tally(env: dict[str, str]) -> list[tuple[int, int]]:
+    path = Path(env["REL_TALLY"])
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            rows.append((int(parts[0]), int(parts[1])))
+    return rows
+
+
+def _wait_all(env: dict[str, str], total: int, timeout: float) -> set[int]:
+    deadline = time.monotonic() + timeout
+    done: set[int] = set()
+    while time.monotonic() < deadline and len(done) < total:
+        done = {i for i, _ in _tally(env)}
+        time.sleep(0.2)
+    return done
+
+
+def _worker(cwd: Path, env: dict[str, str], spawn_worker: Callable[..., Any], concurrency: int = 4) -> Any:
+    worker = spawn_worker([*CELERIAC, "-A", "relapp", "worker", "-l", "info", "-c", str(concurrency),
+                           "-P", "threads"], cwd, env)
+    worker.wait_ready()
+    return worker
+
+
+def test_kill_9_with_acks_late_tasks_loses_none(rel_app: tuple[Path, dict[str, str]],
+                                                 spawn_worker: Callable[..., Any]) -> None:
+    cwd, env = rel_app
+    total = 400
+    doomed = _worker(cwd, env, spawn_worker)
+    survivor = _worker(cwd, env, spawn_worker)
+    sent = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        from relapp import app, work
+        for i in range({total}):
+            work.delay(i, 0.03)
+        app.close()
+        print("sent")
+    """)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert sent.returncode == 0, sent.stderr[-3000:]
+    deadline = time.monotonic() + 60
+    while sum(1 for _, pid in _tally(env) if pid == doomed.proc.pid) < 40:
+        assert time.monotonic() < deadline, "the first worker never ran 40 tasks"
+        time.sleep(0.05)
+    doomed.kill()  # holding up to its prefetch of unacked acks_late tasks
+    done = _wait_all(env, total, 90)
+    missing = set(range(total)) - done
+    assert not missing, f"{len(missing)} tasks lost, e.g. {sorted(missing)[:10]}"
+    assert any(pid == survivor.proc.pid for _, pid in _tally(env))
+
+
+def test_rabbitmq_stop_start_app_during_a_flow_loses_none(
+        rel_app: tuple[Path, dict[str, str]], spawn_worker: Callable[..., Any],
+        restart_rabbitmq: Callable[..., None]) -> None:
+    cwd, env = rel_app
+    total = 1500
+    worker = _worker(cwd, env, spawn_worker)
+    code = f"""
+        import json, sys
+        from relapp import app, record
+        for i in range({total}):
+            record.delay(i)
+            if i == {total // 3}:
+                print("third", flush=True)
+                sys.stdin.readline()   # the test restarts RabbitMQ now
+        app.close()
+        print(json.dumps({{"sent": {total}}}), flush=True)
+    """
+    client = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None and client.stdin is not None
+        assert client.stdout.readline().strip() == "third"
+        restarter = threading.Thread(target=restart_rabbitmq)
+        restarter.start()
+        time.sleep(0.5)  # RabbitMQ is stopping: the rest is published through the outage
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        restarter.join(120)
+        out, err = client.communicate(timeout=120)
+        assert client.returncode == 0, err[-3000:]
+        assert json.loads(out.strip().splitlines()[-1]) == {"sent": total}
+        done = _wait_all(env, total, 90)
+        missing = set(range(total)) - done
+        assert not missing, f"{len(missing)} tasks lost, e.g. {sorted(missing)[:10]}"
+        assert "reconnecting" in worker.log(), "the worker never saw the outage"
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(10)
