@@ -122,7 +122,9 @@ def test_our_sweep_restores_kombus_unacked_message(broker: RedisBroker, kconn: k
 
 
 def test_parked_delayed_message_is_delivered_by_kombus_sweep(
-        broker: RedisBroker, kconn: kombu.Connection, raw: redis.Redis, prefix: str) -> None:
+        redis_url: str, broker_conf: Callable[..., dict[str, Any]], kconn: kombu.Connection,
+        raw: redis.Redis, prefix: str) -> None:
+    broker = RedisBroker(redis_url, broker_conf(native_delay=True))  # parks at publish time
     message = _task()
     due = time.time() + 0.3
     broker.publish(message, "", "celery", queue=Queue("celery"), not_before=due)
@@ -135,6 +137,7 @@ def test_parked_delayed_message_is_delivered_by_kombus_sweep(
     assert got.headers["id"] == message.headers["id"]
     got.ack()
     simple.close()
+    broker.close()
 
 
 def test_exchange_bindings_are_shared(broker: RedisBroker, kconn: kombu.Connection) -> None:

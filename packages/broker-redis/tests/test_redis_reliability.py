@@ -111,7 +111,7 @@ def test_live_holder_keeps_its_message_past_the_visibility_timeout(
 
 def test_countdown_runs_once_across_two_consumers_and_on_time(
         make: Callable[..., RedisBroker]) -> None:
-    publisher = make(visibility_timeout=2.0)
+    publisher = make(visibility_timeout=2.0, native_delay=True)  # parked at publish time
     consumers = [make(visibility_timeout=2.0).consumer([QUEUE], prefetch=4) for _ in range(2)]
     message = _task()
     due = time.time() + 2.0

@@ -4,23 +4,30 @@ Publishing ``LPUSH``es kombu's envelope onto the queue's priority list (exchange
 every queue bound to a named exchange (``_kombu.binding.<exchange>``); fanout exchanges and
 :meth:`RedisBroker.broadcast` use ``PUBLISH`` on ``/<db>.<exchange>`` channels.
 
-Delayed delivery (capability ``delay``): a message published with ``not_before`` in the future
-is *parked* as an unacked entry, ``HSET unacked <tag> [envelope, exchange, routing_key]`` with
-``ZADD unacked_index (not_before - visibility_timeout) <tag>``. The visibility sweep, which moves
-entries whose score is at or below ``now - visibility_timeout`` back to their queues, therefore
-delivers it when it is due. Consumers run that sweep every ``delay_poll_interval`` (0.5 s)
-atomically in Lua, and a Celery worker's own kombu sweep delivers parked messages too, so a
-fleet of Celery workers never strands them. Far-future ETAs are not held in worker memory: a
-consumer that fetches a message whose ``eta`` header is more than ``park_eta_after`` (2 s) away
-(sent by a Celery client) parks it the same way.
+Delayed messages (countdown/ETA) are published as Celery publishes them: straight into the
+queue, the ``eta`` header saying when to run. So a Celery worker on the same queue gets the
+message at once and runs it at its ETA, as it does for a Celery client's message (mixed fleets
+are on time). A Celeriac consumer that fetches a message whose ``eta`` is more than
+``park_eta_after`` (2 s) away *parks* it instead of holding it in worker memory: the entry that
+the fetch recorded in ``unacked`` gets the index score ``eta - visibility_timeout``, so the
+visibility sweep, which moves entries whose score is at or below ``now - visibility_timeout``
+back to their queues, delivers it when it is due. The consumer that parked it sweeps right at
+that time (and every consumer sweeps every ``delay_poll_interval``); a Celery worker's own kombu
+sweep delivers parked messages too, only later (kombu 5.6 sweeps about every 100 s).
+
+With ``native_delay=True`` (for fleets of Celeriac workers only) the broker declares the
+``delay`` capability and parks at publish time instead: ``HSET unacked <tag> [envelope,
+exchange, routing_key]`` with ``ZADD unacked_index (not_before - visibility_timeout) <tag>``.
+Celery workers see such a message only after their next sweep.
 
 Transport options (``broker_transport_options``), kombu's names where kombu has one:
 ``visibility_timeout`` (3600), ``global_keyprefix``, ``sep``, ``unacked_key``,
 ``unacked_index_key``, ``priority_steps``, ``fanout_prefix``, ``fanout_patterns``,
 ``polling_interval`` (longest single BRPOP, 1 s), ``unacked_restore_limit`` (1000),
 ``socket_timeout``, ``socket_connect_timeout``, ``health_check_interval``, ``max_connections``,
-``master_name`` (Sentinel); Celeriac's own: ``native_delay`` (True; False publishes delayed
-messages straight to the queue as Celery does), ``delay_poll_interval`` (0.5 s),
+``master_name`` (Sentinel); Celeriac's own: ``native_delay`` (False: delayed messages go
+straight to the queue as Celery sends them; True parks them at publish time, for fleets of
+Celeriac workers only), ``delay_poll_interval`` (0.5 s),
 ``publish_retry_timeout`` (20 s), ``dead_letter_key`` (``celeriac.dead``), ``park_eta_after``
 (2 s; None never parks fetched ETA messages), ``priority_order`` (``kombu``: 0 served first;
 ``high_first``: 9 first, and then the ``priority`` capability is declared).
@@ -93,7 +100,8 @@ class RedisBroker(Broker):
             raise ImproperlyConfigured(str(exc)) from None
         self.layout = Layout.from_options(options, parsed.db)
         self.visibility_timeout = float(options.get("visibility_timeout", 3600))
-        self.native_delay = bool(options.get("native_delay", True))
+        #: Park delayed messages at publish time (only Celeriac workers deliver them on time).
+        self.native_delay = bool(options.get("native_delay", False))
         self.delay_poll_interval = float(options.get("delay_poll_interval", 0.5))
         self.polling_interval = float(options.get("polling_interval", 1.0))
         park = options.get("park_eta_after", 2.0)
@@ -234,8 +242,10 @@ class RedisBroker(Broker):
                 queue: Queue | None = None, not_before: float | None = None) -> None:
         """Publish one message; see :class:`celeriac.broker.base.Broker.publish`.
 
-        With ``not_before`` in the future (and ``native_delay`` on) the message is parked until
-        due. A named exchange with no matching binding drops the message, as kombu does (logged).
+        ``not_before`` is honoured only with ``native_delay`` on (the message is parked until
+        due); otherwise the message goes to its queue at once and its ``eta`` header delays it,
+        as with Celery. A named exchange with no matching binding drops the message, as kombu
+        does (logged).
         Thread-safe; raises ``BrokerConnectionError`` after ``publish_retry_timeout``.
         """
         if queue is not None and queue.name not in self._declared:

@@ -10,7 +10,11 @@ A small housekeeping thread per consumer flushes acks in pipelines (a few ms aft
 ack), refreshes the index score of the deliveries this consumer still holds (so a live worker's
 long task or held ETA message is never redelivered to another worker) and runs the atomic
 restore sweep every ``delay_poll_interval`` seconds (dead consumers' messages after the
-visibility timeout, parked delayed messages when due).
+visibility timeout, parked delayed messages when due), and right when a message it parked is due.
+
+Messages whose ``eta`` header is more than ``park_eta_after`` away are parked (given back to
+the unacked index with the score ``eta - visibility_timeout``) instead of being held in memory;
+nearer ones are held and do not use up the prefetch window.
 """
 
 from __future__ import annotations
@@ -341,7 +345,10 @@ class RedisConsumer(Consumer):
     def _housekeeping(self) -> None:
         vt = self.broker.visibility_timeout
         refresh_every = max(0.1, vt / 4)
-        sweep_every = self.broker.delay_poll_interval if self.broker.native_delay else min(10.0, vt / 4)
+        parks = self.broker.native_delay or self.broker.park_eta_after is not None
+        # Parked messages are due at their ETA: sweep often enough to deliver them on time even
+        # when the consumer that parked one is gone.
+        sweep_every = self.broker.delay_poll_interval if parks else min(10.0, vt / 4)
         sweep_every = max(0.05, sweep_every)
         next_refresh = time.monotonic() + refresh_every
         next_sweep = time.monotonic()
