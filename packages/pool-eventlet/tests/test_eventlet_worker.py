@@ -253,9 +253,9 @@ def green_app(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], str]]:
             module.app.close()
 
 
-def _spawn(cwd: Path, env: dict[str, str], module: str, tag: str) -> WorkerProcess:
+def _spawn(cwd: Path, env: dict[str, str], module: str, tag: str, concurrency: int = 100) -> WorkerProcess:
     full = {**os.environ, **env, "PYTHONPATH": str(cwd)}
-    argv = [*CELERIAC, "-A", module, "worker", "-l", "info", "-P", POOL, "-c", "100",
+    argv = [*CELERIAC, "-A", module, "worker", "-l", "info", "-P", POOL, "-c", str(concurrency),
             "-n", f"{tag}-{uuid.uuid4().hex[:6]}@%h"]
     worker = WorkerProcess(argv, str(cwd), full, str(cwd / f"{tag}.log"))
     worker.wait_ready()
@@ -356,5 +356,22 @@ def test_embedded_sqlite_broker_and_backend_keep_few_connections(
         fd_dir = Path(f"/proc/{worker.proc.pid}/fd")
         if fd_dir.is_dir():
             assert len(list(fd_dir.iterdir())) < 100
+    finally:
+        worker.stop()
+
+
+def test_hundreds_of_concurrent_tasks_on_redis_wait_for_a_connection(
+        green_app: tuple[Path, dict[str, str], str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """400 tasks end at the same moment and store their results at once: more than redis-py's
+    100 connections, so greenlets must wait for a free one instead of failing and retrying."""
+    cwd, env, module = green_app
+    url = _redis()
+    env = {**env, "GREEN_BROKER": url, "GREEN_BACKEND": url}
+    worker = _spawn(cwd, env, module, "many", concurrency=400)
+    try:
+        mod = _client(monkeypatch, env, module)
+        results = [mod.slow.delay(i, 1.0) for i in range(400)]
+        assert [r.get(timeout=30) for r in results] == list(range(400))
+        assert "Too many connections" not in worker.log()
     finally:
         worker.stop()

@@ -11,6 +11,7 @@ Supported URLs (the same forms Celery accepts):
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -158,16 +159,27 @@ def make_client(url: str, options: Mapping[str, Any] | None = None,
         return master
     if parsed.socket_path is not None:
         common.pop("socket_keepalive")  # TCP only
-        pool: redis.ConnectionPool = redis.ConnectionPool(
-            connection_class=redis.UnixDomainSocketConnection, path=parsed.socket_path,
-            max_connections=opts.get("max_connections"), **common)
+        pool: redis.ConnectionPool = _make_pool(
+            opts.get("max_connections"), connection_class=redis.UnixDomainSocketConnection,
+            path=parsed.socket_path, **common)
         return redis.Redis(connection_pool=pool)
     extra = _ssl_kwargs(parsed, ssl_options) if parsed.ssl else {}
     conn_class = redis.SSLConnection if parsed.ssl else redis.Connection
     extra.pop("ssl", None)
-    pool = redis.ConnectionPool(connection_class=conn_class, host=parsed.host, port=parsed.port,
-                                max_connections=opts.get("max_connections"), **common, **extra)
+    pool = _make_pool(opts.get("max_connections"), connection_class=conn_class, host=parsed.host,
+                      port=parsed.port, **common, **extra)
     return redis.Redis(connection_pool=pool)
+
+
+def _make_pool(max_connections: Any, **kwargs: Any) -> redis.ConnectionPool:
+    """redis-py's pool raises ``MaxConnectionsError`` past ``max_connections`` (100 by default
+    in redis-py 8). In a process that gevent or eventlet patched, a thousand greenlets may want
+    a connection at once: there a blocking pool (100 unless set) makes them wait for a free one
+    instead of failing."""
+    if socket.socket.__module__.partition(".")[0] in ("gevent", "eventlet"):
+        return redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]
+            max_connections=int(max_connections or 100), **kwargs)
+    return redis.ConnectionPool(max_connections=max_connections, **kwargs)
 
 
 def describe_error(exc: BaseException, url: str) -> str:
