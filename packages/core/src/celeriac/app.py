@@ -113,6 +113,8 @@ class Celeriac:
         self._router_version = -1
         self._tz: tuple[str, dt.tzinfo] | None = None
         self._declared_queues: frozenset[str] = frozenset()
+        self._strict_queues = False
+        self._sent_event_on = False
         self._sent_events: Any = None
         self._inherited: list[Any] = []
         self._lock = threading.RLock()
@@ -218,6 +220,9 @@ class Celeriac:
                     default_queue, routing_key=self.conf.default_routing_key, max_priority=max_priority
                 )
             self._declared_queues = frozenset(self._router.queues)
+            # Send-path settings, read once per configuration change rather than per message.
+            self._strict_queues = not self.conf.get("task_create_missing_queues", True)
+            self._sent_event_on = bool(self.conf.get("task_send_sent_event"))
             self._router_version = self.conf.version
         return self._router
 
@@ -415,8 +420,7 @@ class Celeriac:
         route = self.router.route(
             name, {"queue": queue, "routing_key": routing_key, "exchange": exchange}, args, kwargs
         )
-        if route.queue.name not in self._declared_queues and \
-                not self.conf.get("task_create_missing_queues", True):
+        if self._strict_queues and route.queue.name not in self._declared_queues:
             raise ImproperlyConfigured(
                 f"Task {name} is routed to queue {route.queue.name!r}, which is not in task_queues, "
                 "and task_create_missing_queues is False: declare the queue in task_queues."
@@ -443,7 +447,7 @@ class Celeriac:
         broker = self.broker
         broker.publish(message, route.exchange, route.routing_key, queue=route.queue,
                        not_before=not_before)
-        if self.conf.get("task_send_sent_event"):
+        if self._sent_event_on:
             self._send_sent_event(message.headers, route.queue.name, route.exchange, route.routing_key)
         return AsyncResult(task_id, app=self, task_name=name)
 
