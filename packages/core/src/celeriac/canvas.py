@@ -489,8 +489,14 @@ class _chain(Signature):
         steps = self._steps(self._partial_args(args) if args else None, kwargs)
         if not steps:
             raise ValueError("Cannot send an empty chain.")
+        # As Celery: the chain's callbacks become options of its last step (so a last group
+        # gives them to every member; a last chord, to its body), its errbacks are linked to
+        # every step.
         for callback in _as_list(options.pop("link", None)):
-            steps[-1].link(maybe_signature(callback, self._app))
+            if isinstance(steps[-1], chord):
+                steps[-1].link(maybe_signature(callback, self._app))
+            else:
+                steps[-1]._append_option("link", maybe_signature(callback, self._app))
         for errback in _as_list(options.pop("link_error", None)):
             for step in steps:
                 step.link_error(maybe_signature(errback, self._app))
@@ -571,10 +577,10 @@ class group(Signature):
         return callback
 
     def link_error(self, errback: Signature) -> Signature:
-        """Give every member ``errback`` (made immutable): it runs once per failing member."""
+        """Give every member a copy of ``errback``: it runs once per failing member."""
         errback = maybe_signature(errback, self._app)
         for member in self._members():
-            member.link_error(errback.clone().set(immutable=True))
+            member.link_error(errback.clone())
         return errback
 
     def __or__(self, other: Any) -> Signature:  # type: ignore[override]
@@ -610,6 +616,9 @@ class group(Signature):
 
         if self.app.conf.get("task_always_eager"):
             return self.apply(args, kwargs, **options)
+        if options.get("link") is not None or options.get("link_error") is not None:
+            raise TypeError("Cannot add links to a group when sending it: link the members, or "
+                            "use a chord for a callback after all of them (as Celery).")
         options = {**self.options, **{k: v for k, v in options.items() if v is not None}}
         args = self._partial_args(args)
         gid = options.pop("task_id", None) or str(uuid.uuid4())
@@ -713,6 +722,15 @@ class chord(Signature):
             return self._append_option("link_error", errback)  # type: ignore[no-any-return]
         return self.body.link_error(errback)
 
+    def __or__(self, other: Any) -> Signature:  # type: ignore[override]
+        if (isinstance(other, Signature) and not isinstance(other, (group, _chain))
+                and self.body is not None):
+            extended = self.clone()
+            assert isinstance(extended, chord)
+            extended.kwargs["body"] = extended.body | other  # type: ignore[operator]
+            return extended
+        return super().__or__(other)
+
     def __repr__(self) -> str:
         return f"chord({self.header!r}, {self.body!r})"
 
@@ -753,6 +771,9 @@ class chord(Signature):
                 "Chords need a result backend to join the header's results. Configure one, "
                 "e.g. Celeriac(..., backend='sqlite:///results.db') or 'redis://localhost:6379/0'."
             )
+        if options.get("link") is not None or options.get("link_error") is not None:
+            raise TypeError("Cannot add links to a chord when sending it: use chord.link() or "
+                            "chord.link_error(), which go to the body (as Celery).")
         options = {**self.options, **{k: v for k, v in options.items() if v is not None}}
         args = self._partial_args(args)
         body = maybe_signature(body, self._app).clone()

@@ -151,6 +151,8 @@ class AsyncResult:
         """
         if disable_sync_subtasks:
             _assert_will_not_block()
+        if follow_parents and propagate:
+            self._raise_parent_failure()
         if self._meta is None:
             self._meta = self.backend.wait([self.id], timeout=timeout, interval=interval)[self.id]
         if follow_parents and propagate:
@@ -160,12 +162,15 @@ class AsyncResult:
     wait = get
 
     def _raise_parent_failure(self) -> None:
+        """Raise the failure of the earliest failed parent (a chain's first failed step, a
+        chord header's first failed member), as Celery does."""
+        parents: list[Any] = []
         node = self.parent
-        while isinstance(node, AsyncResult):
-            meta = node._meta or node.backend.get(node.id)
-            if meta and meta.get("status") in states.PROPAGATE_STATES:
-                node._finish(meta, True)
-            node = node.parent
+        while node is not None and len(parents) < 10_000:
+            parents.append(node)
+            node = getattr(node, "parent", None)
+        for parent in reversed(parents):
+            _maybe_throw(parent)
 
     def _finish(self, meta: dict[str, Any], propagate: bool) -> Any:
         status = meta["status"]
@@ -271,6 +276,7 @@ class ResultSet:
                 values.append(result.join(timeout=timeout, propagate=propagate, interval=interval,
                                           disable_sync_subtasks=disable_sync_subtasks))
             else:
+                # Members' own states only (Celery's native join does not follow parents).
                 values.append(result.get(propagate=propagate, disable_sync_subtasks=False,
                                          follow_parents=False))
         return values
@@ -383,6 +389,19 @@ class EagerResult(AsyncResult):
 
     def forget(self) -> None:
         """Nothing is stored for eager results."""
+
+
+def _maybe_throw(result: Any) -> None:
+    """Raise ``result``'s exception if it (or, for a set, any member in order) failed."""
+    if isinstance(result, ResultSet):
+        for member in result.results:
+            _maybe_throw(member)
+        return
+    if not isinstance(result, AsyncResult) or isinstance(result, EagerResult):
+        return
+    meta = result._meta or result.backend.get(result.id)
+    if meta and meta.get("status") in states.PROPAGATE_STATES:
+        result._finish(meta, True)
 
 
 def result_from_tuple(data: Any, app: Celeriac | None = None) -> Any:

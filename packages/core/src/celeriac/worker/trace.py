@@ -290,7 +290,9 @@ class Tracer:
         failed = [(tid, st, res) for tid, st, res in entries if st in states.PROPAGATE_STATES]
         if failed:
             tid, _, res = failed[0]
-            error = ChordError(f"Dependency {tid} raised {decode_exception(res)!r}")
+            cause = decode_exception(res)
+            error = ChordError(f"Dependency {tid} raised {cause!r}")
+            error.__cause__ = cause
             self._fail_chord_body(request, body, error)
             return
         try:
@@ -302,8 +304,12 @@ class Tracer:
     def _fail_chord_body(self, request: Request, body: Signature, error: BaseException) -> None:
         """Fail a chord's body that will not run: store the error where its caller waits, run
         its error callbacks, and report it to an enclosing chord."""
+        errbacks = body.options.get("link_error")
         if isinstance(body, group):
+            # As Celery: each member of a group body fails with the header's own exception
+            # and the group's errbacks run once per member.
             targets = [maybe_signature(m, self.app) for m in body._members()]
+            error = error.__cause__ if isinstance(error.__cause__, BaseException) else error
         else:
             targets = [body]
         for target in targets:
@@ -325,7 +331,7 @@ class Tracer:
                            kwargs=dict(target.kwargs), root_id=options.get("root_id"),
                            group=options.get("group_id"), errbacks=options.get("link_error"),
                            is_eager=False, delivery_info={})
-            self._call_errbacks(request, target.options.get("link_error"), fake, error, None)
+            self._call_errbacks(request, errbacks, fake, error, None)
 
 
 def _last_signature(sig: Signature, app: Celeriac) -> Signature:
