@@ -12,6 +12,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterable
+from urllib.parse import unquote, urlsplit
 
 from celeriac.testing.process import server_reachable
 
@@ -35,9 +36,12 @@ def delete_queues(names: Iterable[str]) -> None:
         import pika
     except ImportError:
         return
+    parts = urlsplit(AMQP_URL)
+    vhost = unquote(parts.path[1:]) if parts.path not in ("", "/", "//") else "/"
+    params = pika.ConnectionParameters(parts.hostname or "localhost", parts.port or 5672, vhost,
+                                       pika.PlainCredentials(parts.username or "guest", parts.password or "guest"))
     with contextlib.suppress(Exception):
-        connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL.replace("//", "/%2F", 1)
-                                                                if AMQP_URL.endswith("//") else AMQP_URL))
+        connection = pika.BlockingConnection(params)
         try:
             for name in names:
                 channel = connection.channel()

@@ -184,9 +184,18 @@ class QpidBroker(Broker):
         broker refuses the address."""
         if self._declared.get(queue.name) == queue:
             return
+        previous = self._declared.get(queue.name)
         self._remember(queue)
-        if not self._emulated(queue):
+        if self._emulated(queue):
+            return
+        try:
             self.reactor.publish_attach(self._queue_target(queue), f"declare queue {queue.name!r}")
+        except BaseException:
+            if previous is None:
+                self._declared.pop(queue.name, None)
+            else:
+                self._declared[queue.name] = previous
+            raise
 
     def publish(self, message: Message, exchange: str, routing_key: str, *,
                 queue: Queue | None = None, not_before: float | None = None) -> None:

@@ -248,6 +248,25 @@ class QpidConsumer(Consumer):
         if self._session is not None and session == self._session:
             self._session_done.set()
 
+    def session_failed(self, session: Any, reason: str) -> None:
+        """The broker ended our session with an error (it refused one of our sources)."""
+        if self._session is None or session != self._session:
+            return
+        for name in list(self._links):
+            self.reactor.receivers.pop(name, None)
+        self._links.clear()
+        self._session = None
+        self._session_done.set()
+        self._gen += 1
+        self._unsettled.clear()
+        if not self._attached.is_set():
+            self.error = f"the broker refused to attach: {reason}"
+            return
+        logger.warning("The broker ended the session of the consumer of %s (%s); attaching again in 1 s.",
+                       ", ".join(s.queue for s in self.sources), reason)
+        self.reactor.schedule(1.0, lambda: self.attach(self.reactor) if self.reactor.connection is not None
+                              and not self._closed else None)
+
     def detached(self) -> None:
         """The connection is gone: every delivery so far is stale (the broker redelivers)."""
         self._gen += 1

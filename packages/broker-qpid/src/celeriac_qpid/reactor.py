@@ -202,6 +202,9 @@ class Reactor(MessagingHandler):  # type: ignore[misc]
         self.connection: Any = None
         self.generation = 0
         self.opened = threading.Event()
+        #: set when the connection failed before it was ever open (``connect()`` gives up then)
+        self.first_failed = threading.Event()
+        self._ever_opened = False
         self.error: BrokerConnectionError | None = None
         self.last_reason = ""
         self._closing = False
@@ -344,6 +347,7 @@ class Reactor(MessagingHandler):  # type: ignore[misc]
         if self._failures:
             logger.info("Reconnected to %s.", self.safe_url)
         self._failures = 0
+        self._ever_opened = True
         self._outage_logged = False
         self._intervals = self.options.intervals()
         self.error = None
@@ -384,13 +388,37 @@ class Reactor(MessagingHandler):  # type: ignore[misc]
         event.connection.close()
 
     def on_session_error(self, event: Any) -> None:
-        logger.warning("The broker closed a session on %s: %s", self.safe_url,
-                       describe(event.session.remote_condition))
-        event.session.close()
+        session = event.session
+        reason = describe(session.remote_condition)
+        session.close()
+        owner = self.session_owners.pop(session, None)
+        if owner is not None:
+            owner.session_failed(session, reason)
+            return
+        if self._pub_session is None or session != self._pub_session:
+            logger.warning("The broker closed a session on %s: %s", self.safe_url, reason)
+            return
+        # RabbitMQ ends the whole session when it refuses one link (a queue declared with
+        # other settings): fail that address, send everything else again on a new session.
+        self._pub_session = None
+        senders = list(self._senders.values())
+        self._senders.clear()
+        self._attached_targets.clear()
+        self._by_tag.clear()
+        for sender in senders:
+            if not sender.attached:
+                sender.error = f"the broker refused address {sender.target.address!r}: {reason}"
+                self._fail_sender(sender)
+        if self.connection is not None and self.opened.is_set():
+            for out in self._unsettled.values():
+                self._sender(out.target).pending.append(out)
 
     def on_disconnected(self, event: Any) -> None:
         if event.connection != self.connection:
             return
+        transport = event.transport
+        if not self.last_reason and transport is not None and transport.condition is not None:
+            self.last_reason = describe(transport.condition)
         self._lost(self.last_reason or "connection lost")
 
     def _lost(self, reason: str) -> None:
@@ -436,6 +464,8 @@ class Reactor(MessagingHandler):  # type: ignore[misc]
         self.error = BrokerConnectionError(
             f"Cannot connect to {self.safe_url}: {reason} (is the broker running and speaking "
             "AMQP 1.0 on that port?)")
+        if not self._ever_opened and self._failures >= len(self.endpoints):
+            self.first_failed.set()
         wait = next(self._intervals)
         if not self._outage_logged and (was_open or self._failures > 1):
             logger.warning("Connection to %s lost (%s); reconnecting in %.1f s.", self.safe_url, reason, wait)
@@ -763,8 +793,13 @@ class Reactor(MessagingHandler):  # type: ignore[misc]
         return self.opened.is_set() and self.connection is not None
 
     def wait_open(self, timeout: float) -> None:
-        """Wait until the connection is open; raise the connection error otherwise."""
-        if self.opened.wait(timeout) and self.connection is not None and self.error is None:
+        """Wait until the connection is open, or every address failed once; raise the
+        connection error then."""
+        deadline = time.monotonic() + timeout
+        while not self.opened.wait(0.05):
+            if self.first_failed.is_set() or time.monotonic() >= deadline:
+                break
+        if self.opened.is_set() and self.connection is not None and self.error is None:
             return
         if self.error is not None:
             raise self.error
