@@ -63,3 +63,29 @@ def bench(session: nox.Session) -> None:
     # kombu 5.7 imports packaging for Redis without declaring it: celery[redis] brings it.
     session.install("celery[redis]==5.6.2", "packaging", "redis>=5", "pika>=1.3")
     session.run("python", str(ROOT / "bench" / "run.py"), *session.posargs)
+
+
+DIST = ROOT / "dist"
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """A wheel and an sdist of every package in dist/ (hatchling through ``python -m build``;
+    each wheel is built from its sdist, so an incomplete sdist fails here)."""
+    session.install("build>=1.2", "hatchling>=1.21")
+    if DIST.exists():
+        for old in DIST.iterdir():
+            if old.suffix == ".whl" or old.name.endswith(".tar.gz"):
+                old.unlink()
+    for package in PACKAGES:
+        session.run("python", "-m", "build", "--no-isolation", "--outdir", str(DIST), str(package),
+                    silent=True)
+    session.log(f"built {len(PACKAGES)} packages: " + ", ".join(sorted(p.name for p in DIST.iterdir())))
+
+
+@nox.session
+def release_check(session: nox.Session) -> None:
+    """Install each package from dist/ in fresh venvs: the core alone (only built-ins, the
+    tutorial on the embedded broker), then the core plus each plugin (listed, importable, with a
+    celeriac>=X,<Y range). Run ``nox -s build`` first; see .ci/release_check.py."""
+    session.run("python", str(ROOT / ".ci" / "release_check.py"), "--dist", str(DIST), *session.posargs)

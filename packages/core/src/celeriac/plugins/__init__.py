@@ -20,7 +20,14 @@ if TYPE_CHECKING:
     from celeriac.backends.base import ResultBackend
     from celeriac.broker.base import Broker
 
-__all__ = ["create_backend", "create_broker", "hookimpl", "hookspec"]
+__all__ = ["SPI_VERSION", "create_backend", "create_broker", "hookimpl", "hookspec"]
+
+#: The version of the plugin interface: the hook specs and the broker, result backend and pool
+#: SPIs. It changes, with celeriac's minor version while celeriac is 0.x, whenever a plugin built
+#: for the previous one may break; so a plugin for SPI 1 requires ``celeriac>=0.1,<0.2``. The
+#: plugin manager refuses, with one line naming both versions, a plugin whose ``celeriac``
+#: requirement excludes the installed celeriac.
+SPI_VERSION = 1
 
 
 def create_broker(url: str, conf: Mapping[str, Any]) -> Broker:

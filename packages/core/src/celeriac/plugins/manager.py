@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ __all__ = [
     "plugin_infos",
     "pool_factory",
     "reset",
+    "spi_mismatch",
 ]
 
 logger = logging.getLogger("celeriac.plugins")
@@ -91,6 +93,12 @@ class _Registry:
                     continue
                 dist_name = dist.metadata["Name"] or ep.name
                 info = PluginInfo(ep.name, dist_name, dist.version or "?")
+                mismatch = spi_mismatch(dist_name, dist.version or "?", dist.requires or ())
+                if mismatch:  # checked before importing: a plugin for another SPI may not import
+                    info.error = mismatch
+                    logger.warning("%s", mismatch)
+                    self.infos.append(info)
+                    continue
                 try:
                     module = ep.load()
                     self.pm.register(module, name=ep.name)
@@ -121,6 +129,51 @@ class _Registry:
         info.pools = sorted(pools)
         info.serializers = [s.name for s in serializers]
         self.infos.append(info)
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    parts = [int(p) for p in re.findall(r"\d+", version.split("+")[0])[:4]]
+    return tuple(parts + [0] * (4 - len(parts)))
+
+
+def _satisfies(version: str, specifier: str) -> bool:
+    """Whether ``version`` meets a PEP 440 ``specifier`` such as ``>=0.1,<0.2`` (release
+    numbers only: enough for the ``celeriac`` ranges plugins declare)."""
+    have = _version_key(version)
+    for clause in filter(None, (c.strip() for c in specifier.split(","))):
+        op, want = re.match(r"(~=|===|==|!=|<=|>=|<|>)?\s*(.*)", clause).groups()  # type: ignore[union-attr]
+        if want.endswith(".*"):
+            prefix = _version_key(want[:-2])[: want[:-2].count(".") + 1]
+            ok = have[: len(prefix)] == prefix
+            if (op == "!=") == ok:
+                return False
+            continue
+        key = _version_key(want)
+        ok = {"<": have < key, "<=": have <= key, ">": have > key, ">=": have >= key, "!=": have != key,
+              "~=": have >= key and have[: max(want.count("."), 1)] == key[: max(want.count("."), 1)]
+              }.get(op or "==", have == key)
+        if not ok:
+            return False
+    return True
+
+
+def spi_mismatch(distribution: str, version: str, requires: Any) -> str | None:
+    """One line when a plugin distribution's ``celeriac`` requirement (from its metadata's
+    ``Requires-Dist``) excludes the installed celeriac, else None."""
+    from celeriac import __version__
+    from celeriac.plugins import SPI_VERSION
+
+    for requirement in requires:
+        match = re.match(r"^celeriac\s*(?:\[[^\]]*\])?\s*\(?\s*([<>=!~][^;)]*)?\)?\s*(;.*)?$",
+                         str(requirement).strip())
+        if match is None or (match.group(2) and "extra" in match.group(2)):
+            continue
+        wanted = (match.group(1) or "").strip()
+        if wanted and not _satisfies(__version__, wanted):
+            return (f"{distribution} {version} needs celeriac{wanted.replace(' ', '')}, but this is celeriac "
+                    f"{__version__} (plugin interface {SPI_VERSION}): install the {distribution} release "
+                    f"made for celeriac {__version__}, or a celeriac that {distribution} supports.")
+    return None
 
 
 _registry: _Registry | None = None
