@@ -106,6 +106,9 @@ def _print_replies(replies: list[dict[str, Any]], as_json: bool) -> None:
                 click.echo(f"        {value.get('ok', value.get('error'))}")
             elif isinstance(value, list) and not value:
                 click.echo("    - empty -")
+            elif isinstance(value, list):  # one line per item, as Celery prints them
+                for item in value:
+                    click.echo(f"    * {item}")
             else:
                 for line in json.dumps(value, indent=2, default=str).splitlines():
                     click.echo("    " + line)
