@@ -65,7 +65,7 @@ def test_delayed_message_is_published_as_celery_publishes_it(
         eta = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=3600)
         message = encode_task("proj.add", str(uuid.uuid4()), [1, 2], {}, eta=eta.isoformat())
         broker.publish(message, "", "celery", queue=Queue("celery"), not_before=eta.timestamp())
-        assert raw.hlen(prefix + "unacked") == 0
+        wait_for(lambda: raw.hlen(prefix + "unacked") == 0, 5, "the ack")
         (stored,) = raw.lrange(prefix + "celery", 0, -1)
         decoded, _, routing_key, _, _ = decode_envelope(stored)
         assert routing_key == "celery" and decoded.headers["eta"] == eta.isoformat()
@@ -82,9 +82,9 @@ def test_far_eta_from_our_client_is_parked_by_our_worker(
     app = Celeriac("mixed", broker=redis_url, backend=redis_url,
                    **broker_conf(visibility_timeout=30.0))
 
-    @app.task(name="mixed.later")
-    def later() -> str:
-        return "done"
+    @app.task(name="mixed.later", bind=True)
+    def later(self: Any) -> Any:
+        return ["done", self.request.delivery_info["redelivered"]]
 
     worker = start_worker(app)
     try:
@@ -99,8 +99,11 @@ def test_far_eta_from_our_client_is_parked_by_our_worker(
         consumer = worker.task_consumer
         assert consumer is not None and not consumer.held  # not in the worker's memory
         assert raw.llen(prefix + "celery") == 0
-        assert result.get(timeout=10) == "done"
+        assert b'"celeriac_not_before": ' in raw.hget(prefix + "unacked", tag)
+        # It comes back at its ETA, and not as a redelivery: no task ever ran it.
+        assert result.get(timeout=10) == ["done", False]
         assert time.time() >= sent + 4
+        wait_for(lambda: raw.hlen(prefix + "unacked") == 0, 5, "the ack")
     finally:
         worker.stop()
         worker._thread.join(10)  # type: ignore[attr-defined]

@@ -31,7 +31,7 @@ from celeriac.exceptions import BrokerConnectionError
 from celeriac.routing import Queue
 from celeriac.serialization import json_dumps
 from celeriac_redis.connection import TRANSIENT_ERRORS, describe_error
-from celeriac_redis.layout import CorruptEnvelope, decode_envelope, eta_timestamp
+from celeriac_redis.layout import PARKED_PROPERTY, CorruptEnvelope, decode_envelope, eta_timestamp
 
 if TYPE_CHECKING:
     from celeriac_redis.broker import RedisBroker
@@ -42,6 +42,27 @@ logger = logging.getLogger("celeriac.redis")
 
 _TAG_RE = re.compile(rb'"delivery_tag": "([^"]+)"')
 _ACK_CHUNK = 1000
+
+
+def _mark_parked(raw: bytes, park: dict[str, float]) -> tuple[str, bytes] | None:
+    """``(tag, unacked entry)`` for a fetched envelope to park, its properties carrying the
+    parked marker (as a message parked at publish time does); None when it is not to be parked
+    or its layout is not kombu's."""
+    match = _TAG_RE.search(raw)
+    tag = match.group(1).decode("utf-8", "replace") if match else None
+    if tag is None or tag not in park:
+        return None
+    at = raw.rfind(b'"properties": {')  # the last top-level key of kombu's envelope
+    if at < 0:
+        return None
+    at += len(b'"properties": {')
+    marker = b'"' + PARKED_PROPERTY.encode() + b'": ' + repr(park[tag]).encode()
+    envelope = raw[:at] + marker + (b"" if raw[at:at + 1] == b"}" else b", ") + raw[at:]
+    try:
+        _, exchange, routing_key, _, _ = decode_envelope(envelope)
+    except CorruptEnvelope:
+        return None
+    return tag, b"[" + envelope + b", " + json_dumps(exchange) + b", " + json_dumps(routing_key) + b"]"
 
 
 class RedisConsumer(Consumer):
@@ -247,8 +268,15 @@ class RedisConsumer(Consumer):
         lay = self.layout
         vt = self.broker.visibility_timeout
         try:
-            self.broker.client.zadd(lay.key(lay.unacked_index),
-                                    {tag: eta - vt for tag, eta in park.items()}, xx=True)
+            pipe = self.broker.client.pipeline(transaction=True)
+            for _, raw in items:
+                # Mark the stored entry as parked, so that it does not come back flagged as a
+                # redelivery (it was never handed to a task).
+                marked = _mark_parked(raw, park)
+                if marked is not None:
+                    pipe.hset(lay.key(lay.unacked), marked[0], marked[1])
+            pipe.zadd(lay.key(lay.unacked_index), {tag: eta - vt for tag, eta in park.items()}, xx=True)
+            pipe.execute()
         except TRANSIENT_ERRORS as exc:
             logger.warning("Could not park %d ETA message(s) (%s); holding them instead.",
                            len(park), exc)

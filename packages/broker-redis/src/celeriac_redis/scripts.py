@@ -8,7 +8,8 @@ RESTORE  moves unacked entries back to their queues: either every entry whose in
          messages, see ``broker.py``) or the given tags (reject with requeue, consumer close).
          Entries are re-routed like kombu does (exchange ``''`` or the exchange's binding set,
          priority bucket from the envelope), with ``headers.redelivered = true`` except for
-         parked messages. Corrupt entries go to the dead-letter list.
+         parked messages (their ``celeriac_not_before`` marker is dropped instead). Corrupt
+         entries go to the dead-letter list.
 """
 
 from __future__ import annotations
@@ -169,7 +170,11 @@ for _, tag in ipairs(tags) do
       if type(props) ~= 'table' then props = {} end
       local headers = t[1].headers
       local parked = props['celeriac_not_before'] ~= nil
-      if not parked and type(headers) == 'table' and headers.redelivered == nil then
+      if parked then
+        -- due now: drop the marker, so a later restore of it counts as a redelivery
+        env = string.gsub(env, '"celeriac_not_before": [-0-9.eE+]+, ', '', 1)
+        env = string.gsub(env, ', "celeriac_not_before": [-0-9.eE+]+', '', 1)
+      elseif type(headers) == 'table' and headers.redelivered == nil then
         env = mark_redelivered(env)
       end
       local b = bucket(props.priority)
