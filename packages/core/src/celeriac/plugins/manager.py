@@ -263,16 +263,33 @@ def available_pools() -> list[str]:
     return sorted(_get().pools)
 
 
+def _guarded(caller: Any) -> Callable[..., None] | None:
+    """``caller(**kwargs)``, with any exception a plugin raises logged with the task id and
+    swallowed: a broken hook never changes a task's outcome. None when nothing implements it."""
+    if not caller.get_hookimpls():
+        return None
+
+    def call(**kwargs: Any) -> None:
+        try:
+            caller(**kwargs)
+        except Exception:
+            task = kwargs.get("task")
+            logger.exception("The %s hook raised for task %s[%s]; the task goes on.", caller.name,
+                             getattr(task, "name", "?"), kwargs.get("task_id"))
+
+    return call
+
+
 class _Lifecycle:
     """Per-task hook callers that cost nothing when no plugin implements the hook."""
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         hook = pm.hook
-        self.prerun = hook.celeriac_task_prerun if hook.celeriac_task_prerun.get_hookimpls() else None
-        self.postrun = hook.celeriac_task_postrun if hook.celeriac_task_postrun.get_hookimpls() else None
-        self.success = hook.celeriac_task_success if hook.celeriac_task_success.get_hookimpls() else None
-        self.failure = hook.celeriac_task_failure if hook.celeriac_task_failure.get_hookimpls() else None
-        self.retry = hook.celeriac_task_retry if hook.celeriac_task_retry.get_hookimpls() else None
+        self.prerun = _guarded(hook.celeriac_task_prerun)
+        self.postrun = _guarded(hook.celeriac_task_postrun)
+        self.success = _guarded(hook.celeriac_task_success)
+        self.failure = _guarded(hook.celeriac_task_failure)
+        self.retry = _guarded(hook.celeriac_task_retry)
 
 
 def lifecycle() -> _Lifecycle:

@@ -136,9 +136,13 @@ class Tracer:
         except Ignore:
             pop_request()
             self.ack(request)
+            if hooks.postrun is not None:
+                hooks.postrun(task=task, task_id=request.id, state=states.IGNORED, retval=None)
             return
         except Reject as exc:
             pop_request()
+            if hooks.postrun is not None:
+                hooks.postrun(task=task, task_id=request.id, state=states.REJECTED, retval=exc)
             logger.info("Task %s[%s] rejected itself: %r", request.name, request.id, exc.reason)
             if self.events is not None:
                 self.events.send("task-rejected", uuid=request.id, requeue=exc.requeue)
@@ -255,6 +259,8 @@ class Tracer:
                               request.message.kwargs, None)
         if self.hooks.retry is not None:
             self.hooks.retry(task=request.task, task_id=request.id, reason=exc.exc)
+        if self.hooks.postrun is not None:
+            self.hooks.postrun(task=request.task, task_id=request.id, state=states.RETRY, retval=exc)
         self.ack(request)
 
     def _call_errbacks(self, request: Request, errbacks: Any, failed: Context,
