@@ -12,7 +12,8 @@ reactor thread.
 Closing releases every unsettled delivery and ends the session, which also returns anything
 still in flight; when the connection drops, RabbitMQ returns the unsettled deliveries itself.
 After a reconnection the links are attached again; deliveries of the lost connection are
-skipped by :meth:`QpidConsumer.fetch` and acks for them ignored.
+skipped by :meth:`QpidConsumer.fetch` and acks for them ignored. Deliveries reach ``fetch`` in
+one batch per reactor iteration (all that one read from the socket carried).
 """
 
 from __future__ import annotations
@@ -45,8 +46,6 @@ logger = logging.getLogger("celeriac.qpid")
 
 #: Credit kept on a link when the consumer has no prefetch limit.
 WIDE_WINDOW = 1000
-#: How long ``fetch`` waits for the rest of a burst after its first delivery (seconds).
-LINGER = 0.002
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +75,9 @@ class QpidConsumer(Consumer):
         self.sources = sources
         self.prefetch = max(0, int(prefetch))
         self.no_ack = no_ack
-        self._out: queue_mod.SimpleQueue[Delivery | None] = queue_mod.SimpleQueue()
+        self._out: queue_mod.SimpleQueue[list[Delivery] | None] = queue_mod.SimpleQueue()
+        self._held: deque[Delivery] = deque()
+        self._batch: list[Delivery] = []
         self._ops: deque[tuple[int, int, Any]] = deque()
         self._ops_lock = threading.Lock()
         self._ops_pending = False
@@ -119,29 +120,27 @@ class QpidConsumer(Consumer):
         if max_count <= 0:
             time.sleep(max(0.0, timeout))
             return out
-        lingered = False
-        while len(out) < max_count:
+        held = self._held
+        while True:
+            while held and len(out) < max_count:
+                item = held.popleft()
+                if self.no_ack or item.tag[0] == self._gen:
+                    out.append(item)  # (deliveries of a lost connection are skipped: they come back)
+            if len(out) >= max_count:
+                break
             try:
                 left = deadline - time.monotonic()
-                item = self._out.get_nowait() if out or left <= 0 else self._out.get(timeout=min(left, 0.5))
+                batch = self._out.get_nowait() if out or left <= 0 else self._out.get(timeout=min(left, 0.5))
             except queue_mod.Empty:
-                if out and not lingered:
-                    # the reactor thread is usually still decoding the rest of a burst: give it
-                    # a moment so a batch is returned, not its first message alone
-                    lingered = True
-                    time.sleep(LINGER)
-                    continue
                 if out or time.monotonic() >= deadline or self._closed:
                     break
                 self._raise_if_dead()
                 continue
-            if item is None:
+            if batch is None:
                 if self._closed:
                     break
                 continue
-            if not self.no_ack and item.tag[0] != self._gen:
-                continue  # delivered by a connection that was lost: it comes back
-            out.append(item)
+            held.extend(batch)
         if not out:
             self._raise_if_dead()
         return out
@@ -275,9 +274,8 @@ class QpidConsumer(Consumer):
         self._session = None
         self._session_done.set()
 
-    def on_message(self, event: Any) -> None:
+    def on_message(self, delivery: Any, link: Any, raw: Any) -> None:
         """One message arrived on one of our links."""
-        delivery, link = event.delivery, event.link
         entry = self._links.get(link.name)
         if entry is None:
             if not delivery.settled:
@@ -285,7 +283,6 @@ class QpidConsumer(Consumer):
             delivery.settle()
             return
         source = entry[0]
-        raw = event.message
         try:
             message = codec.decode(raw)
         except DecodeError as exc:
@@ -304,13 +301,25 @@ class QpidConsumer(Consumer):
         if self.no_ack:
             delivery.settle()
             self._top_up(link, 1)
-            self._out.put(Delivery(message, source.queue, None, "", source.queue, redelivered))
+            self._hand_over(Delivery(message, source.queue, None, "", source.queue, redelivered))
             return
         ident = next(self._ids)
         self._unsettled[ident] = (delivery, link)
         if not self.prefetch:
             self._top_up(link, 1)
-        self._out.put(Delivery(message, source.queue, (self._gen, ident), "", source.queue, redelivered))
+        self._hand_over(Delivery(message, source.queue, (self._gen, ident), "", source.queue, redelivered))
+
+    def _hand_over(self, delivery: Delivery) -> None:
+        # Deliveries are handed to fetch() in one batch per reactor iteration (see publish()).
+        if not self._batch:
+            self.reactor.dirty.append(self)
+        self._batch.append(delivery)
+
+    def publish(self) -> None:
+        """Reactor thread, once per iteration: hand the deliveries received to ``fetch``."""
+        batch, self._batch = self._batch, []
+        if batch:
+            self._out.put(batch)
 
     def _top_up(self, link: Any, settled: int) -> None:
         if self.prefetch and not self.no_ack:

@@ -32,8 +32,18 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from celeriac.exceptions import BrokerConnectionError
-from proton import Condition, Data, Link, SSLDomain, Terminus, symbol
-from proton.handlers import MessagingHandler
+from proton import (
+    Condition,
+    Data,
+    Delivery,
+    Endpoint,
+    Handler,
+    Link,
+    SSLDomain,
+    Terminus,
+    symbol,
+)
+from proton import Message as AMQPMessage
 from proton.reactor import (
     ApplicationEvent,
     AtMostOnce,
@@ -181,13 +191,12 @@ class _Timer:
         self.fn()
 
 
-class Reactor(MessagingHandler):  # type: ignore[misc]
+class Reactor(Handler):  # type: ignore[misc]
     """One connection and its proton Container thread. Public methods are thread-safe unless
     they say they run on the reactor thread."""
 
     def __init__(self, endpoints: list[BrokerEndpoint], dialect: Dialect, options: Options,
                  safe_url: str, name: str = "broker") -> None:
-        super().__init__(prefetch=0, auto_accept=False, auto_settle=True)
         self.endpoints = endpoints
         self.dialect = dialect
         self.options = options
@@ -217,6 +226,8 @@ class Reactor(MessagingHandler):  # type: ignore[misc]
         self._attachments: list[Attachment] = []
         self.receivers: dict[str, Any] = {}
         self.session_owners: dict[Any, Any] = {}
+        #: consumers holding deliveries of this iteration (handed over when the reactor quiesces)
+        self.dirty: list[Any] = []
         # publishing state: reactor thread only, except the counters under _cond
         self._senders: dict[Target, _Sender] = {}
         self._pub_session: Any = None
@@ -601,13 +612,88 @@ class Reactor(MessagingHandler):  # type: ignore[misc]
         """Reactor thread: a link name unique in this process."""
         return f"{self.container.container_id}-{kind}-{next(self._names)}"
 
-    def on_message(self, event: Any) -> None:
-        owner = self.receivers.get(event.link.name)
-        if owner is not None:
-            owner.on_message(event)
-        elif not event.delivery.settled:
-            event.delivery.update(event.delivery.RELEASED)
-            event.delivery.settle()
+    # -- raw proton events (a lean handler: proton's MessagingHandler costs several Python
+    #    dispatches per event, which is most of the reactor thread's time at high rates) -------
+
+    def on_reactor_init(self, event: Any) -> None:
+        self.on_start(event)
+
+    def on_connection_remote_open(self, event: Any) -> None:
+        self.on_connection_opened(event)
+
+    def on_connection_remote_close(self, event: Any) -> None:
+        connection = event.connection
+        if connection != self.connection:
+            return
+        if self._closing:
+            self._finish_close()
+        elif connection.remote_condition is not None:
+            self.on_connection_error(event)
+        else:
+            self.last_reason = self.last_reason or "the broker closed the connection"
+            connection.close()
+
+    def on_session_remote_close(self, event: Any) -> None:
+        session = event.session
+        if session.remote_condition is not None and not session.state & Endpoint.LOCAL_CLOSED:
+            self.on_session_error(event)
+            return
+        if not session.state & Endpoint.LOCAL_CLOSED:
+            session.close()
+        self.on_session_closed(event)
+
+    def on_link_remote_open(self, event: Any) -> None:
+        self.on_link_opened(event)
+
+    def on_link_remote_close(self, event: Any) -> None:
+        link = event.link
+        if link.state & Endpoint.LOCAL_CLOSED:
+            return
+        if link.remote_condition is not None:
+            self.on_link_error(event)
+        else:
+            self.on_link_closing(event)
+
+    def on_transport_closed(self, event: Any) -> None:
+        self.on_disconnected(event)
+
+    def on_link_flow(self, event: Any) -> None:
+        link = event.link
+        if link.is_sender and link.credit:
+            self.on_sendable(event)
+
+    def on_delivery(self, event: Any) -> None:
+        delivery = event.delivery
+        link = delivery.link
+        if link.is_receiver:
+            if delivery.aborted:
+                delivery.settle()
+            elif delivery.readable and not delivery.partial:
+                raw = AMQPMessage()
+                raw.decode(link.recv(delivery.pending))
+                link.advance()
+                owner = self.receivers.get(link.name)
+                if owner is not None and not link.state & Endpoint.LOCAL_CLOSED:
+                    owner.on_message(delivery, link, raw)
+                else:
+                    if not delivery.settled:
+                        delivery.update(Delivery.RELEASED)
+                    delivery.settle()
+        elif delivery.updated:
+            state = delivery.remote_state
+            if state == Delivery.ACCEPTED:
+                self._settled(delivery, "accepted")
+            elif state == Delivery.REJECTED:
+                self._settled(delivery, "rejected")
+            elif state in (Delivery.RELEASED, Delivery.MODIFIED):
+                self._settled(delivery, "released")
+            if delivery.settled:
+                delivery.settle()
+
+    def on_reactor_quiesced(self, _event: Any) -> None:
+        dirty, self.dirty = self.dirty, []
+        for consumer in dirty:
+            consumer.publish()
 
     def on_session_closed(self, event: Any) -> None:
         owner = self.session_owners.pop(event.session, None)
@@ -721,8 +807,8 @@ class Reactor(MessagingHandler):  # type: ignore[misc]
         if released:
             self._release(released)
 
-    def _settled(self, event: Any, outcome: str) -> None:
-        tag = event.delivery.tag
+    def _settled(self, delivery: Any, outcome: str) -> None:
+        tag = delivery.tag
         seq = self._by_tag.pop(tag.decode() if isinstance(tag, bytes) else str(tag), None)
         if seq is None:
             return
@@ -737,18 +823,9 @@ class Reactor(MessagingHandler):  # type: ignore[misc]
             return
         del self._unsettled[seq]
         if outcome == "rejected":
-            condition = event.delivery.remote_condition if hasattr(event.delivery, "remote_condition") else None
+            condition = getattr(delivery.remote, "condition", None)
             logger.error("The broker rejected a message for %s (%s).", out.target.address, describe(condition))
         self._release(1)
-
-    def on_accepted(self, event: Any) -> None:
-        self._settled(event, "accepted")
-
-    def on_rejected(self, event: Any) -> None:
-        self._settled(event, "rejected")
-
-    def on_released(self, event: Any) -> None:
-        self._settled(event, "released")
 
     def _release(self, count: int) -> None:
         with self._cond:
@@ -828,10 +905,6 @@ class Reactor(MessagingHandler):  # type: ignore[misc]
         self.submit(run)
         if threading.current_thread() is not self.thread:
             self._closed.wait(5.0)
-
-    def on_connection_remote_close(self, event: Any) -> None:
-        if self._closing and event.connection == self.connection:
-            self._finish_close()
 
     def _finish_close(self) -> None:
         if self._finished:
