@@ -27,3 +27,15 @@ def sqla_url() -> str:
     pytest.importorskip("sqlalchemy")
     pytest.importorskip("psycopg2")
     return require_server("PostgreSQL", SQLA_URL, 5432, "CELERIAC_TEST_KOMBU_SQLA_URL")
+
+ZOOKEEPER_URL = os.environ.get("CELERIAC_TEST_KOMBU_ZOOKEEPER_URL", "")
+
+
+@pytest.fixture
+def zookeeper_url() -> str:
+    """The Zookeeper URL from ``CELERIAC_TEST_KOMBU_ZOOKEEPER_URL`` (``.ci/run`` sets it once its
+    Zookeeper answers); skips when unset, and when unreachable unless ``CELERIAC_REQUIRE_BROKERS=1``."""
+    if not ZOOKEEPER_URL:
+        pytest.skip("CELERIAC_TEST_KOMBU_ZOOKEEPER_URL is not set (e.g. kombu+zookeeper://127.0.0.1:2181/celeriac-test)")
+    pytest.importorskip("kazoo")
+    return require_server("Zookeeper", ZOOKEEPER_URL, 2181, "CELERIAC_TEST_KOMBU_ZOOKEEPER_URL")

@@ -3,7 +3,7 @@
 * ``examples/tutorial.py`` (every call of the seed tutorial, remote control included) on
   ``kombu+filesystem://``;
 * the seed project's calls through ``celeriac -A proj worker`` on ``kombu+sqla+postgresql://``
-  (kombu's SQLAlchemy transport has no fanout, so no remote control there);
+  and ``kombu+zookeeper://`` (neither has fanout, so no remote control there);
 * interop both ways with a real Celery 5.6 worker on the same kombu transport: Celery's client
   sends to a Celeriac worker and Celeriac's client to a Celery worker, chains included.
 
@@ -214,10 +214,13 @@ def test_the_repository_tutorial_on_filesystem(tmp_path: Path) -> None:
     assert "All tutorial calls gave the expected answers." in done.stdout
 
 
-def test_seed_tutorial_through_the_cli_on_postgresql(sqla_url: str, tmp_path: Path) -> None:
-    """The seed project (``celeriac -A proj worker``) on kombu's SQLAlchemy transport: calls,
-    countdown, group, chain, chord, retries and a burst, results in SQLite. Its own queue names
-    keep it apart from other users of the database."""
+@pytest.mark.parametrize("url_fixture", ["sqla_url", "zookeeper_url"])
+def test_seed_tutorial_through_the_cli(url_fixture: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """The seed project (``celeriac -A proj worker``) on kombu's SQLAlchemy (PostgreSQL) and
+    Zookeeper transports: calls, countdown, group, chain, chord, retries and a burst, results in
+    SQLite. Neither transport has fanout, so no remote control. Its own queue name keeps the test
+    apart from other users of the server."""
+    sqla_url = request.getfixturevalue(url_fixture)
     suffix = uuid.uuid4().hex[:8]
     queue = f"kombu-seed-{suffix}"
     results = f"sqlite:///{tmp_path / 'results.db'}"
