@@ -41,7 +41,10 @@ def celeriac_brokers() -> Mapping[str, BrokerFactory]:
 
     A factory is called as ``factory(url, conf)`` with the full broker URL and the app's settings
     and returns a :class:`celeriac.broker.base.Broker`. It must not connect yet. Example:
-    ``{"redis": RedisBroker, "rediss": RedisBroker}``.
+    ``{"redis": RedisBroker, "rediss": RedisBroker}``. A scheme ending in ``+`` claims every
+    scheme that starts with it and no plugin registers exactly (``"kombu+"`` serves
+    ``kombu+sqs://`` and ``kombu+sqla+postgresql://``). The plugin's distribution declares the
+    celeriac versions it supports as ``celeriac>=X,<Y`` (see :data:`celeriac.plugins.SPI_VERSION`).
     """
 
 
