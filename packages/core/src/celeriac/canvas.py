@@ -718,6 +718,10 @@ class chord(Signature):
         if self.app.conf.get("task_allow_error_cb_on_chord_header", False):
             for member in self.header.tasks:
                 maybe_signature(member, self._app).link_error(errback.clone().set(immutable=True))
+        # A chord nested in the header links the errback to its own body too (as Celery).
+        for member in self.header.tasks:
+            if isinstance(member, chord):
+                member.link_error(errback)
         if self.body is None:
             return self._append_option("link_error", errback)  # type: ignore[no-any-return]
         return self.body.link_error(errback)
@@ -802,12 +806,15 @@ class chord(Signature):
             body.apply_async(([],))
             return body_result
         backend.set_chord_size(gid, sum(chord_size(m, self._app) for m in members))
+        _save_header_shape(backend, gid, members, dict(body), options.get("root_id"), self.app)
         header_result = group(*members, app=self._app).apply_async(
             args, (kwargs and {k: v for k, v in kwargs.items() if k != "body"}) or None,
             task_id=gid, chord=dict(body), **options)
         assert isinstance(header_result, GroupResult)
         if isinstance(body_result, (AsyncResult, GroupResult)):
-            _attach_parent(body_result, header_result)
+            # As Celery: the body's handle hangs under the header (a body that is itself a
+            # chord or chain keeps only this link).
+            body_result.parent = header_result
         return body_result
 
     def apply(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
@@ -816,6 +823,22 @@ class chord(Signature):
         if self.body is None:
             return header
         return self.body.apply((header.get(),))
+
+
+def _save_header_shape(backend: Any, gid: str, members: list[Signature], body: dict[str, Any],
+                       root_id: str | None, app: Celeriac) -> None:
+    """Freeze the header members; when one of them is a group of results (a chain ending in a
+    group, a chord with a group body) save the header's result tree, so the join gives the body
+    a list for that member, as Celery does (it saves the same GroupResult under the group id)."""
+    from celeriac.backends.base import GROUPS
+    from celeriac.result import GroupResult, ResultSet
+
+    if not backend.has(GROUPS) or any(isinstance(m, chunks) for m in members):
+        return
+    results = [m.freeze(group_id=gid, chord=body, group_index=i, root_id=root_id)
+               for i, m in enumerate(members)]
+    if any(isinstance(r, ResultSet) for r in results):
+        backend.save_group(gid, GroupResult(gid, results, app=app).as_tuple())
 
 
 def _header_tasks(header: Any) -> list[Any]:

@@ -12,7 +12,13 @@ import traceback as tb
 from typing import TYPE_CHECKING, Any
 
 from celeriac import states
-from celeriac.backends.base import ResultBackend, decode_exception, encode_exception, make_meta
+from celeriac.backends.base import (
+    GROUPS,
+    ResultBackend,
+    decode_exception,
+    encode_exception,
+    make_meta,
+)
 from celeriac.canvas import Signature, group, maybe_signature
 from celeriac.exceptions import ChordError, Ignore, Reject, Retry, TaskRevokedError
 from celeriac.plugins.manager import lifecycle
@@ -302,10 +308,38 @@ class Tracer:
             self._fail_chord_body(request, body, error)
             return
         try:
-            body.apply_async(([res for _, _, res in entries],))
+            body.apply_async((self._chord_values(group_id, entries),))
         except Exception as exc:
             logger.exception("Chord %s: could not send the body", group_id)
             self._fail_chord_body(request, body, ChordError(f"Callback error: {exc!r}"))
+
+    def _chord_values(self, group_id: str, entries: list[Any]) -> list[Any]:
+        """The header's results for the body: in header order, and shaped like the header's
+        saved result tree when there is one (a member that is a group of results gives a
+        list)."""
+        flat = [res for _, _, res in entries]
+        backend = self.backend
+        if backend is None or not backend.has(GROUPS):
+            return flat
+        try:
+            saved = backend.restore_group(group_id)
+        except Exception:
+            logger.exception("Chord %s: could not read the saved header", group_id)
+            return flat
+        if not saved:
+            return flat
+        by_id = {tid: res for tid, _, res in entries}
+
+        def shape(node: Any) -> Any:
+            (task_id, _parent), members = node
+            if members is None:
+                return by_id[task_id]
+            return [shape(m) for m in members]
+
+        try:
+            return shape(saved)  # type: ignore[no-any-return]
+        except (KeyError, TypeError, ValueError):
+            return flat
 
     def _fail_chord_body(self, request: Request, body: Signature, error: BaseException) -> None:
         """Fail a chord's body that will not run: store the error where its caller waits, run
