@@ -206,6 +206,7 @@ class Reactor(Handler):  # type: ignore[misc]
         self._injector = EventInjector()
         self.container.selectable(self._injector)
         self._inbox: deque[Callable[[], None]] = deque()
+        self._outbox: deque[_Out] = deque()
         self._wake_lock = threading.Lock()
         self._wake_pending = False
         self.connection: Any = None
@@ -236,6 +237,8 @@ class Reactor(Handler):  # type: ignore[misc]
         self._seq = itertools.count(1)
         self._cond = threading.Condition()
         self._inflight = 0
+        self._waiting = 0
+        self._confirmed = 0
         self._attached_targets: set[Target] = set()
         self._refused: dict[Target, str] = {}
         self._pending_waiters: list[tuple[Target, threading.Event]] = []
@@ -293,15 +296,18 @@ class Reactor(Handler):  # type: ignore[misc]
 
     def on_celeriac_wake(self, _event: Any) -> None:
         """Reactor thread: run the work other threads submitted."""
-        with self._wake_lock:
-            self._wake_pending = False
         inbox = self._inbox
-        while inbox:
-            fn = inbox.popleft()
-            try:
-                fn()
-            except Exception:
-                logger.exception("Error on the AMQP 1.0 connection thread of %s", self.safe_url)
+        while True:
+            while inbox:
+                fn = inbox.popleft()
+                try:
+                    fn()
+                except Exception:
+                    logger.exception("Error on the AMQP 1.0 connection thread of %s", self.safe_url)
+            with self._wake_lock:  # producers do not wake us again while we are draining
+                if not inbox:
+                    self._wake_pending = False
+                    return
 
     def schedule(self, delay: float, fn: Callable[[], None]) -> None:
         """Reactor thread: run ``fn`` after ``delay`` seconds."""
@@ -539,11 +545,16 @@ class Reactor(Handler):  # type: ignore[misc]
                             f"Cannot {what} ({self.safe_url}): {self.options.confirm_window} messages "
                             f"still unconfirmed after {self.options.publish_timeout:.0f} s "
                             f"({self.last_reason or 'broker not answering'}).")
-                    self._cond.wait(min(left, 1.0))
+                    self._waiting += 1
+                    try:
+                        self._cond.wait(min(left, 1.0))
+                    finally:
+                        self._waiting -= 1
                 self._inflight += 1
         out = _Out(target, data, next(self._seq))
         if target in self._attached_targets:
-            self.submit(lambda: self._enqueue(out, None))
+            self._outbox.append(out)  # drained in one call per wake-up, not one closure each
+            self.submit(self._drain_outbox)
             return
         self._wait_attached(target, out, what, deadline)
 
@@ -565,6 +576,21 @@ class Reactor(Handler):  # type: ignore[misc]
         if error is not None or not attached.is_set():
             reason = error or self.last_reason or "timed out"
             raise BrokerConnectionError(f"Cannot {what} ({self.safe_url}): {reason}")
+
+    def _drain_outbox(self) -> None:
+        outbox = self._outbox
+        touched: dict[Target, _Sender] = {}
+        connected = self.connection is not None and self.opened.is_set()
+        while outbox:
+            out = outbox.popleft()
+            if not out.target.presettled:
+                self._unsettled[out.seq] = out
+            if connected:
+                sender = self._sender(out.target)
+                sender.pending.append(out)
+                touched[out.target] = sender
+        for sender in touched.values():
+            self._pump(sender)
 
     def _check_usable(self, what: str) -> None:
         if self.error is not None and (not self.error.transient or self._closing):
@@ -691,6 +717,9 @@ class Reactor(Handler):  # type: ignore[misc]
                 delivery.settle()
 
     def on_reactor_quiesced(self, _event: Any) -> None:
+        if self._confirmed:
+            confirmed, self._confirmed = self._confirmed, 0
+            self._release(confirmed)
         dirty, self.dirty = self.dirty, []
         for consumer in dirty:
             consumer.publish()
@@ -825,12 +854,12 @@ class Reactor(Handler):  # type: ignore[misc]
         if outcome == "rejected":
             condition = getattr(delivery.remote, "condition", None)
             logger.error("The broker rejected a message for %s (%s).", out.target.address, describe(condition))
-        self._release(1)
+        self._confirmed += 1  # handed to publishers once per reactor iteration
 
     def _release(self, count: int) -> None:
         with self._cond:
             self._inflight -= count
-            if self._inflight <= 0 or self._inflight < self.options.confirm_window:
+            if self._waiting:
                 self._cond.notify_all()
 
     def flush(self, timeout: float) -> bool:
@@ -844,7 +873,11 @@ class Reactor(Handler):  # type: ignore[misc]
                 left = deadline - time.monotonic()
                 if left <= 0 or self._closed.is_set():
                     return False
-                self._cond.wait(min(left, 0.5))
+                self._waiting += 1
+                try:
+                    self._cond.wait(min(left, 0.5))
+                finally:
+                    self._waiting -= 1
         return True
 
     # -- attachments --------------------------------------------------------------------------
