@@ -160,7 +160,7 @@ def test_pool_queues_beyond_its_limit_grows_shrinks_interrupts_and_stops() -> No
     assert got["warm"] == [["ok", i] for i in range(5)]
     assert got["soft"] is True and got["after_soft"] == ["interrupted", 9]
     assert got["soft_again"] is False  # the job has ended
-    assert got["cold_took"] < 2 and got["cold_result"] == "GreenletExit"
+    assert got["cold_took"] < 2 and got["cold_result"] == "Reject"
 
 
 # -- the guide's tutorial -------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import pika
@@ -107,21 +107,57 @@ def _delay_target(exchange: str, routing_key: str, queue: Queue | None) -> str |
     return None
 
 
-class _GreenShared:
-    """The broker's per-thread state when gevent or eventlet patched the process: their
+class _GreenLinks:
+    """The broker's link state when gevent or eventlet patched the process: there
     ``threading.local`` is per greenlet, which would open a connection per task and let the
-    dead-thread pruning close links still in use. Every greenlet shares one link instead,
-    one call at a time (``lock`` is a green lock)."""
+    dead-thread pruning close links still in use. Instead each call borrows one of at most
+    ``size`` links (:meth:`lease`), so the publisher confirms of several greenlets overlap.
+    ``link`` is the link the current greenlet holds."""
 
-    def __init__(self) -> None:
-        self.link: Link | None = None
-        self.lock = threading.RLock()
+    def __init__(self, size: int = 8) -> None:
+        self.idle: list[Link] = []
+        self.slots = threading.BoundedSemaphore(size)
+        self.current = threading.local()  # per greenlet
+        self.broker: AMQPBroker | None = None
+
+    @property
+    def link(self) -> Link | None:
+        """The link the current greenlet holds (None outside :meth:`lease`)."""
+        return getattr(self.current, "link", None)
+
+    @link.setter
+    def link(self, value: Link | None) -> None:
+        self.current.link = value
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[None]:
+        """Hold an idle link (or none: the broker opens one) for one call; it goes back to
+        the idle list after a success, and is closed after an error."""
+        with self.slots:
+            self.link = self.idle.pop() if self.idle else None
+            ok = False
+            try:
+                yield
+                ok = True
+            finally:
+                link, self.link = self.link, None
+                if link is not None:
+                    if ok and link.is_open:
+                        self.idle.append(link)
+                    else:
+                        if self.broker is not None:
+                            with self.broker._lock:
+                                self.broker._links.pop(id(link), None)
+                        with contextlib.suppress(Exception):
+                            link.close()
 
 
-def _thread_state() -> Any:
-    """A ``threading.local`` normally; one :class:`_GreenShared` in a green process."""
+def _thread_state(broker: AMQPBroker) -> Any:
+    """A ``threading.local`` normally; a :class:`_GreenLinks` in a green process."""
     if socket.socket.__module__.partition(".")[0] in ("gevent", "eventlet"):
-        return _GreenShared()
+        links = _GreenLinks()
+        links.broker = broker
+        return links
     return threading.local()
 
 
@@ -133,7 +169,7 @@ def _forget_after_fork(broker: AMQPBroker) -> None:
     def reset() -> None:
         child = ref()
         if child is not None:
-            child._local = _thread_state()
+            child._local = _thread_state(child)
             child._links = {}
             child._lock = threading.Lock()
             child._consumers = set()
@@ -156,7 +192,7 @@ class AMQPBroker(Broker):
         self.retry_policy = RetryPolicy.from_conf(conf)
         heartbeat = conf.get("broker_heartbeat")
         self.heartbeat = 120.0 if heartbeat is None else float(heartbeat)
-        self._local = _thread_state()
+        self._local = _thread_state(self)
         self._links: dict[int, Link] = {}
         self._lock = threading.Lock()
         self._consumers: set[AMQPConsumer] = set()
@@ -190,8 +226,8 @@ class AMQPBroker(Broker):
         link = self._open_link(self.confirm_publish)
         self._local.link = link
         with self._lock:
-            if isinstance(self._local, _GreenShared):
-                self._links[0] = link
+            if isinstance(self._local, _GreenLinks):
+                self._links[id(link)] = link
             else:
                 self._links[threading.get_ident()] = link
                 self._prune_dead_threads()
@@ -206,7 +242,7 @@ class AMQPBroker(Broker):
         link: Link | None = getattr(self._local, "link", None)
         self._local.link = None
         with self._lock:
-            self._links.pop(0 if isinstance(self._local, _GreenShared) else threading.get_ident(), None)
+            self._links.pop(id(link) if isinstance(self._local, _GreenLinks) else threading.get_ident(), None)
         if link is not None:
             link.close()
 
@@ -216,10 +252,10 @@ class AMQPBroker(Broker):
         deadline = time.monotonic() + (self.publish_retry_timeout if retry_for is None else retry_for)
         intervals = self.retry_policy.intervals()
         warned = False
-        lock = getattr(self._local, "lock", None) or contextlib.nullcontext()
+        lease = getattr(self._local, "lease", None)
         while True:
             try:
-                with lock:
+                with lease() if lease is not None else contextlib.nullcontext():
                     return op(self._thread_link())
             except FatalConnectionError:
                 raise
@@ -364,4 +400,4 @@ class AMQPBroker(Broker):
             consumer.close()
         for link in links:
             link.close()
-        self._local = _thread_state()
+        self._local = _thread_state(self)

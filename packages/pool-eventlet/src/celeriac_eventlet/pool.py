@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+from celeriac.exceptions import Reject
 from celeriac.worker.pool import Callback, Pool
 
 __all__ = ["EventletPool", "late_imports"]
@@ -188,7 +189,8 @@ class EventletPool(Pool):
         """Warm (``wait``): run what was submitted (the worker hands unstarted work back to the
         broker) and wait for every green thread to end. Cold: drop the jobs not started yet (their
         messages were not acked, so the broker delivers them again) and kill the running
-        green threads with ``GreenletExit``."""
+        green threads by raising ``Reject(requeue=True)`` in them: the worker then neither
+        stores a state nor acks, and an ``acks_late`` message goes back to the queue."""
         import eventlet  # type: ignore[import-untyped,unused-ignore]
 
         if wait:
@@ -202,9 +204,13 @@ class EventletPool(Pool):
             logger.warning("Cold shutdown: killing %d running task(s).", len(jobs))
         for job in jobs:
             if not job.done:
-                job.greenlet.kill()  # GreenletExit, raised at once
+                job.greenlet.kill(Reject, _cold_kill(), None)  # raised at once
         self._running.clear()
 
 
 def _limit_name(exc_type: type[BaseException]) -> str:
     return "soft" if "Soft" in exc_type.__name__ else "hard"
+
+
+def _cold_kill() -> Reject:
+    return Reject("killed by a cold shutdown of the worker", requeue=True)

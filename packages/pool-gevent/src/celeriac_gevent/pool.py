@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+from celeriac.exceptions import Reject
 from celeriac.worker.pool import Callback, Pool
 
 __all__ = ["GeventPool", "late_imports"]
@@ -184,7 +185,8 @@ class GeventPool(Pool):
         """Warm (``wait``): run what was submitted (the worker hands unstarted work back to the
         broker) and wait for every greenlet to end. Cold: drop the jobs not started yet (their
         messages were not acked, so the broker delivers them again) and kill the running
-        greenlets with ``GreenletExit``."""
+        greenlets by raising ``Reject(requeue=True)`` in them: the worker then neither stores a
+        state nor acks, and an ``acks_late`` message goes back to the queue."""
         import gevent  # type: ignore[import-untyped,unused-ignore]
 
         if wait:
@@ -196,9 +198,13 @@ class GeventPool(Pool):
         greenlets = [job.greenlet for job in list(self._running)]
         if greenlets:
             logger.warning("Cold shutdown: killing %d running task(s).", len(greenlets))
-            gevent.killall(greenlets, block=True, timeout=5.0)
+            gevent.killall(greenlets, exception=_cold_kill(), block=True, timeout=5.0)
         self._running.clear()
 
 
 def _limit_name(exc_type: type[BaseException]) -> str:
     return "soft" if "Soft" in exc_type.__name__ else "hard"
+
+
+def _cold_kill() -> Reject:
+    return Reject("killed by a cold shutdown of the worker", requeue=True)
