@@ -290,9 +290,9 @@ def test_time_limits_inspect_active_and_warm_shutdown_on_redis(
             hard.get(timeout=15)
         assert hard.state == "FAILURE"
         # the worker goes on: three acks_late tasks run at once, and inspect sees them
-        results = [mod.slow.delay(i, 2.5) for i in range(3)]
+        results = [mod.slow.delay(i, 4.0) for i in range(3)]
         _wait_for(lambda: len(_tally(cwd, "start")) == 3, 15, "three running tasks")
-        active = mod.app.control.inspect(timeout=1.5).active() or {}
+        active = mod.app.control.inspect(timeout=2.5).active() or {}
         running = {task["id"] for tasks in active.values() for task in tasks}
         assert {r.id for r in results} <= running, active
         # warm shutdown waits for them

@@ -114,6 +114,7 @@ class EventletPool(Pool):
                            "using them may block every greenlet. Import them after the worker "
                            "starts (the CLI patches first when given -P eventlet).",
                            ", ".join(self.patched_late))
+        logger.info("Pool: %s.", self.description)
         self._pending: deque[_Job] = deque()
         self._running: set[_Job] = set()
         self._closed = False

@@ -111,6 +111,7 @@ class GeventPool(Pool):
                            "using them may block every greenlet. Import them after the worker "
                            "starts (the CLI patches first when given -P gevent).",
                            ", ".join(self.patched_late))
+        logger.info("Pool: %s.", self.description)
         self._pending: deque[_Job] = deque()
         self._running: set[_Job] = set()
         self._closed = False
