@@ -25,6 +25,7 @@ __all__ = [
     "chain",
     "chord",
     "chunks",
+    "final_signatures",
     "group",
     "maybe_signature",
     "signature",
@@ -346,6 +347,24 @@ def chord_size(sig: Any, app: Celeriac | None = None) -> int:
     return 1
 
 
+def _expand(sig: Signature) -> Signature:
+    """A chunks signature inside another primitive runs as its group of ``xstarmap`` tasks."""
+    return sig.group() if isinstance(sig, chunks) else sig
+
+
+def final_signatures(sig: Any, app: Celeriac | None = None) -> list[Signature]:
+    """The signatures whose results stand for ``sig``'s outcome: itself for a task, a chain's
+    last step, a chord's body, every member of a group (recursively)."""
+    sig = _expand(maybe_signature(sig, app))
+    if isinstance(sig, group):
+        return [f for m in sig._members() for f in final_signatures(m, app)]
+    if isinstance(sig, _chain):
+        return final_signatures(sig.tasks[-1], app) if sig.tasks else []
+    if isinstance(sig, chord):
+        return final_signatures(sig.body, app) if sig.body is not None else []
+    return [sig]
+
+
 def _result_leaves(result: Any) -> list[Any]:
     from celeriac.result import ResultSet
 
@@ -376,7 +395,7 @@ def _splice(tasks: Iterable[Any], app: Celeriac | None) -> list[Signature]:
         if isinstance(sig, _chain):
             flat.extend(_splice(sig._unchained(), app))
         else:
-            flat.append(sig.clone())
+            flat.append(_expand(sig.clone()))
     return flat
 
 
@@ -563,6 +582,8 @@ class group(Signature):
         flat: list[Signature] = []
         for task in self.tasks:
             sig = maybe_signature(task, self._app)
+            if isinstance(sig, chunks):
+                sig = sig.group()
             if isinstance(sig, group):
                 flat.extend(sig._members())
             else:
@@ -751,6 +772,7 @@ class chord(Signature):
         body = self.body
         if body is None:
             raise ValueError("A chord needs a body before it can be sent.")
+        body = self.kwargs["body"] = _expand(body)
         result = body.freeze(_id or self.options.get("task_id"), group_id=group_id, chord=chord,
                              group_index=group_index, root_id=root_id)
         gid = self.header.options.get("task_id") or str(uuid.uuid4())
@@ -780,7 +802,7 @@ class chord(Signature):
                             "chord.link_error(), which go to the body (as Celery).")
         options = {**self.options, **{k: v for k, v in options.items() if v is not None}}
         args = self._partial_args(args)
-        body = maybe_signature(body, self._app).clone()
+        body = _expand(maybe_signature(body, self._app).clone())
         body_id = body.id or options.pop("task_id", None)
         options.pop("task_id", None)
         for callback in _as_list(options.pop("link", None)):

@@ -19,7 +19,7 @@ from celeriac.backends.base import (
     encode_exception,
     make_meta,
 )
-from celeriac.canvas import Signature, group, maybe_signature
+from celeriac.canvas import Signature, final_signatures, group, maybe_signature
 from celeriac.exceptions import ChordError, Ignore, Reject, Retry, TaskRevokedError
 from celeriac.plugins.manager import lifecycle
 from celeriac.task import Context, pop_request, push_request
@@ -231,22 +231,14 @@ class Tracer:
             self.events.send("task-failed", uuid=request.id, exception=repr(exc), traceback=trace)
         if self._keeps_result(request, failed=True) or embed.get("chord") or embed.get("chain"):
             self.store(request, states.FAILURE, exc, trace)
-            # Waiting clients hold the ids of later chain steps: fail those too.
-            for step in embed.get("chain") or ():
-                step_id = (step.get("options") or {}).get("task_id")
-                if step_id:
-                    self.store(request, states.FAILURE, exc, trace, task_id=step_id)
         if embed.get("chord"):
             self._chord_part(request, headers.get("group"), headers.get("group_index"), request.id,
                              embed["chord"], states.FAILURE, encode_exception(exc))
-        # A later chain step that is a chord member will never run: report it failed, or
-        # the chord would wait for it forever.
+        # Waiting clients hold the ids of the later chain steps (and of what those contain:
+        # group members, chord bodies): fail them too, and report those that are chord members,
+        # or their chords would wait forever.
         for step in embed.get("chain") or ():
-            options = step.get("options") or {}
-            if options.get("chord") and options.get("group_id") and options.get("task_id"):
-                self._chord_part(request, options["group_id"], options.get("group_index"),
-                                 options["task_id"], options["chord"], states.FAILURE,
-                                 encode_exception(exc))
+            self._fail_unrun(request, step, exc, trace)
         self._call_errbacks(request, embed.get("errbacks"), request.context(), exc, trace)
         task = request.task
         task.on_failure(exc, request.id, request.message.args, request.message.kwargs, trace)
@@ -341,50 +333,47 @@ class Tracer:
         except (KeyError, TypeError, ValueError):
             return flat
 
+    def _fail_unrun(self, request: Request, sig: Any, exc: BaseException,
+                    trace: str | None) -> list[Signature]:
+        """Store ``exc`` for every result that ``sig`` (which will never run) stands for, and
+        report those that are chord members; return their signatures."""
+        try:
+            finals = final_signatures(sig, self.app)
+        except Exception:
+            logger.exception("Cannot fail the unrun step %r of task %s[%s]", sig, request.name,
+                             request.id)
+            return []
+        for final in finals:
+            options = final.options
+            task_id = options.get("task_id")
+            if not task_id:
+                continue
+            self.store(request, states.FAILURE, exc, trace, task_id=task_id)
+            if options.get("chord") and options.get("group_id"):
+                self._chord_part(request, options["group_id"], options.get("group_index"), task_id,
+                                 options["chord"], states.FAILURE, encode_exception(exc))
+        return finals
+
     def _fail_chord_body(self, request: Request, body: Signature, error: BaseException) -> None:
         """Fail a chord's body that will not run: store the error where its caller waits, run
         its error callbacks, and report it to an enclosing chord."""
         errbacks = body.options.get("link_error")
+        logger.error("Chord body %s[%s] failed: %s", body.name, body.id, error)
         if isinstance(body, group):
             # As Celery: each member of a group body fails with the header's own exception
             # and the group's errbacks run once per member.
-            targets = [maybe_signature(m, self.app) for m in body._members()]
             error = error.__cause__ if isinstance(error.__cause__, BaseException) else error
+            targets = self._fail_unrun(request, body, error, None)
         else:
-            targets = [body]
+            finals = self._fail_unrun(request, body, error, None)
+            targets = [body] if body.id or not finals else finals[:1]
         for target in targets:
-            try:
-                result = target.freeze()
-            except Exception:
-                logger.exception("Chord body %s cannot be failed", target.name)
-                continue
-            final = _last_signature(target, self.app)
-            body_id = final.id or getattr(result, "id", None)
-            logger.error("Chord body %s[%s] failed: %s", target.name, body_id, error)
-            if body_id:
-                self.store(request, states.FAILURE, error, None, task_id=body_id)
-            options = final.options
-            if options.get("chord") and options.get("group_id") and body_id:
-                self._chord_part(request, options["group_id"], options.get("group_index"), body_id,
-                                 options["chord"], states.FAILURE, encode_exception(error))
-            fake = Context(id=body_id, task=target.name, args=list(target.args),
+            options = target.options
+            fake = Context(id=target.id, task=target.name, args=list(target.args),
                            kwargs=dict(target.kwargs), root_id=options.get("root_id"),
-                           group=options.get("group_id"), errbacks=options.get("link_error"),
+                           group=options.get("group_id"), errbacks=errbacks,
                            is_eager=False, delivery_info={})
             self._call_errbacks(request, errbacks, fake, error, None)
-
-
-def _last_signature(sig: Signature, app: Celeriac) -> Signature:
-    """The signature whose result stands for ``sig`` (the last step of a chain, a chord's body)."""
-    from celeriac.canvas import _chain, chord
-
-    while True:
-        if isinstance(sig, _chain) and sig.tasks:
-            sig = maybe_signature(sig.tasks[-1], app)
-        elif isinstance(sig, chord) and sig.body is not None:
-            sig = sig.body
-        else:
-            return sig
 
 
 def _takes_request(task: Any) -> bool:
