@@ -1,7 +1,7 @@
 """End to end through the real command lines on kombu transports.
 
 * ``examples/tutorial.py`` (every call of the seed tutorial, remote control included) on
-  ``kombu+filesystem://``;
+  ``kombu+filesystem://`` with ``rpc://`` results;
 * the seed project's calls through ``celeriac -A proj worker`` on ``kombu+sqla+postgresql://``
   and ``kombu+zookeeper://`` (neither has fanout, so no remote control there);
 * interop both ways with a real Celery 5.6 worker on the same kombu transport: Celery's client
@@ -204,10 +204,10 @@ def test_celeriac_client_to_celery_worker(project: Project) -> None:
 
 
 def test_the_repository_tutorial_on_filesystem(tmp_path: Path) -> None:
-    """``examples/tutorial.py``, every call (remote control, revoke, 500 round trips) on
-    ``kombu+filesystem://`` with the embedded SQLite result backend."""
+    """``examples/tutorial.py``, every call (remote control, revoke, chords, 500 round trips) on
+    ``kombu+filesystem://``, results through ``rpc://`` (reply queues on the same transport)."""
     env = dict(os.environ, CELERIAC_BROKER_URL=f"kombu+filesystem://{tmp_path / 'spool'}",
-               CELERIAC_RESULT_BACKEND=f"sqlite:///{tmp_path / 'results.db'}")
+               CELERIAC_RESULT_BACKEND="rpc://")
     done = subprocess.run([sys.executable, str(EXAMPLES / "tutorial.py")], env=env, check=False,
                           capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]

@@ -200,7 +200,8 @@ def revoke(worker: Worker, task_id: Any = None, terminate: bool = False, signal:
             except Exception:
                 logger.exception("Could not store the REVOKED state of %s", tid)
         held = consumer.held.pop(tid, None)
-        if held is not None:
+        if held is not None:  # stored again with the request's reply_to, which rpc:// needs
+            consumer.tracer.store(held, states.REVOKED, TaskRevokedError("revoked"))
             consumer.tracer.ack(held)
     logger.info("Tasks flagged as revoked: %s", ", ".join(ids))
     return {"ok": f"tasks {', '.join(ids)} flagged as revoked"}
