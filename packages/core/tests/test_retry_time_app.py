@@ -27,7 +27,7 @@ import pytest
 from celeriac import Celeriac, states
 from celeriac.broker.base import Delivery
 from celeriac.config import DEFAULTS
-from celeriac.exceptions import BrokerConnectionError, ImproperlyConfigured
+from celeriac.exceptions import BrokerConnectionError
 from celeriac.protocol import Message, TaskMessage, encode_task
 
 CORE_SRC = Path(__file__).resolve().parents[1] / "src"
@@ -370,7 +370,9 @@ def test_task_create_missing_queues(monkeypatch: pytest.MonkeyPatch) -> None:
                       task_queues=[Queue("known")], task_default_queue="known")
     sent = _capture(strict, monkeypatch)
     strict.send_task("proj.add", queue="known")
-    with pytest.raises(ImproperlyConfigured, match="not in task_queues"):
+    from celeriac.exceptions import QueueNotFound
+
+    with pytest.raises(QueueNotFound, match="not in task_queues"):
         strict.send_task("proj.add", queue="unknown")
     assert len(sent) == 1
     lenient = Celeriac("q", broker="memory://q-lenient")

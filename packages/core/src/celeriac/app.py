@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from celeriac import current
 from celeriac.config import DEFAULT_BROKER_URL, Settings
-from celeriac.exceptions import ImproperlyConfigured, NotRegistered
+from celeriac.exceptions import ImproperlyConfigured, NotRegistered, QueueNotFound
 from celeriac.protocol import encode_task, parse_iso8601
 from celeriac.routing import Queue, Router
 from celeriac.task import P, R, Task, current_request
@@ -421,7 +421,7 @@ class Celeriac:
             name, {"queue": queue, "routing_key": routing_key, "exchange": exchange}, args, kwargs
         )
         if self._strict_queues and route.queue.name not in self._declared_queues:
-            raise ImproperlyConfigured(
+            raise QueueNotFound(
                 f"Task {name} is routed to queue {route.queue.name!r}, which is not in task_queues, "
                 "and task_create_missing_queues is False: declare the queue in task_queues."
             )

@@ -16,6 +16,7 @@ __all__ = [
     "MaxRetriesExceededError",
     "NotRegistered",
     "PluginNotFound",
+    "QueueNotFound",
     "Reject",
     "RemoteTaskError",
     "ResultsDisabled",
@@ -38,6 +39,14 @@ class ImproperlyConfigured(CeleriacError):
 
 class PluginNotFound(ImproperlyConfigured):
     """No installed plugin provides the requested URL scheme or pool name."""
+
+
+class QueueNotFound(ImproperlyConfigured, KeyError):
+    """A task is routed to a queue missing from ``task_queues`` while
+    ``task_create_missing_queues`` is off (Celery's name)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "queue not found"
 
 
 class NotRegistered(CeleriacError, KeyError):
