@@ -342,17 +342,17 @@ def test_cold_shutdown_and_kill_9_redeliver_acks_late_work_on_rabbitmq(
 
 def test_embedded_sqlite_broker_and_backend_keep_few_connections(
         green_app: tuple[Path, dict[str, str], str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The embedded broker and backend under the patched pool: 300 concurrent tasks, and the
+    """The embedded broker and backend under the patched pool: 200 concurrent tasks, and the
     worker does not keep a database connection per greenlet."""
     cwd, env, module = green_app
     env = {**env, "GREEN_BROKER": f"sqlite:///{cwd}/broker.db", "GREEN_BACKEND": f"sqlite:///{cwd}/results.db"}
-    worker = _spawn(cwd, env, module, "sqlite")
+    worker = _spawn(cwd, env, module, "sqlite", concurrency=200)
     try:
         mod = _client(monkeypatch, env, module)
         started = time.monotonic()
-        results = [mod.slow.delay(i, 1.0) for i in range(300)]
-        assert [r.get(timeout=30) for r in results] == list(range(300))
-        assert time.monotonic() - started < 25  # concurrent, not 300 s
+        results = [mod.slow.delay(i, 1.0) for i in range(200)]
+        assert [r.get(timeout=30) for r in results] == list(range(200))
+        assert time.monotonic() - started < 25  # concurrent, not 200 s
         fd_dir = Path(f"/proc/{worker.proc.pid}/fd")
         if fd_dir.is_dir():
             assert len(list(fd_dir.iterdir())) < 100
