@@ -100,10 +100,10 @@ def test_seed_tutorial_through_the_cli(seed_project: tuple[Path, dict[str, str]]
     task_id = run_client("""
         import json
         from proj.tasks import slow_add
-        print(json.dumps(slow_add.delay(2, 2, delay=4).id))
+        print(json.dumps(slow_add.delay(2, 2, delay=12).id))
     """, cwd, env)
     active = ""
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 40  # each inspect is a process start and a 1 s wait
     while task_id not in active:
         assert time.monotonic() < deadline, f"inspect active never listed {task_id}:\n{active}"
         active = celeriac(cwd, env, "-A", "proj", "inspect", "active")

@@ -3,10 +3,11 @@
 The body travels as one ``data`` section (bytes, untouched). Message properties map to their
 AMQP 1.0 fields: ``correlation_id``, ``reply_to``, ``message_id`` (``id``), content type and
 encoding, ``delivery_mode`` 2 -> ``durable``, ``priority``, ``expiration`` (ms) -> ``ttl``,
-``timestamp`` -> ``creation_time``. Headers become application properties where the value is a
-simple AMQP type (string, integer, float, boolean, binary, null); application properties may not
-hold lists or maps, so headers such as ``timelimit`` or ``stamps`` and the properties without an
-AMQP 1.0 field travel JSON-encoded in the one property ``x-celeriac-json``.
+``timestamp`` -> ``creation_time``. Headers and the properties without an AMQP 1.0 field travel JSON-encoded in the one application
+property ``x-celeriac-json`` (application properties may not hold lists or maps, and one string
+costs proton far less than twenty properties); ``task`` and ``id`` are also application
+properties of their own, for other clients and selectors. Headers JSON cannot carry (bytes) fall
+back to one application property each.
 
 A message from another AMQP 1.0 client is read too: an ``amqp-value`` string body is taken as
 UTF-8 text. What cannot be read (a map or list body, non-string property keys, broken
@@ -26,6 +27,9 @@ from proton import symbol
 __all__ = ["JSON_PROPERTY", "decode", "encode", "message_id"]
 
 JSON_PROPERTY = "x-celeriac-json"
+#: Headers also sent as application properties of their own, for other clients, selectors
+#: and management tools (the JSON property is what Celeriac reads).
+VISIBLE = ("task", "id")
 _LONG = 1 << 63
 _MAPPED = {"correlation_id", "reply_to", "message_id"}
 
@@ -50,13 +54,7 @@ def encode(message: Message, subject: str | None = None) -> bytes:
         out.content_type = message.content_type
     if message.content_encoding:
         out.content_encoding = message.content_encoding
-    app: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    for key, value in (message.headers or {}).items():
-        if _simple(value):
-            app[str(key)] = value
-        else:
-            extra[str(key)] = value
+    headers = message.headers or {}
     rest: dict[str, Any] = {}
     for key, value in props.items():
         if value is None:
@@ -79,7 +77,18 @@ def encode(message: Message, subject: str | None = None) -> bytes:
                 out.creation_time = float(value)
     if subject is not None:
         out.subject = subject
-    if extra or rest:
+    app: dict[str, Any] = {key: headers[key] for key in VISIBLE if _simple(headers.get(key, ()))}
+    try:
+        # every header in one JSON property: one string for proton to encode and decode
+        # instead of one per header, which is most of the per-message cost
+        app[JSON_PROPERTY] = json.dumps({"h": headers, "p": rest}, separators=(",", ":"))
+    except (TypeError, ValueError):  # a header JSON cannot carry: one property per header
+        extra: dict[str, Any] = {}
+        for key, value in headers.items():
+            if _simple(value):
+                app[str(key)] = value
+            else:
+                extra[str(key)] = value
         app[JSON_PROPERTY] = json.dumps({"h": extra, "p": rest}, separators=(",", ":"))
     out.properties = app
     return out.encode()  # type: ignore[no-any-return]
