@@ -289,6 +289,11 @@ def test_time_limits_inspect_active_and_warm_shutdown_on_redis(
         with pytest.raises(TimeLimitExceeded):
             hard.get(timeout=15)
         assert hard.state == "FAILURE"
+        # remote control resizes the pool
+        replies = mod.app.control.broadcast("pool_grow", arguments={"n": 5}, reply=True, timeout=2.5)
+        assert replies and all("ok" in next(iter(r.values())) for r in replies), replies
+        stats = mod.app.control.inspect(timeout=2.5).stats() or {}
+        assert [info["pool"]["max-concurrency"] for info in stats.values()] == [105], stats
         # the worker goes on: three acks_late tasks run at once, and inspect sees them
         results = [mod.slow.delay(i, 4.0) for i in range(3)]
         _wait_for(lambda: len(_tally(cwd, "start")) == 3, 15, "three running tasks")
