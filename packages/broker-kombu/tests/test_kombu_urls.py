@@ -103,6 +103,16 @@ def test_transport_options_reach_kombu(tmp_path: Path) -> None:
     connection.release()
 
 
+def test_polling_interval_is_not_handed_to_create_engine() -> None:
+    pytest.importorskip("sqlalchemy")
+    broker = KombuBroker("kombu+sqla+sqlite://", {"broker_transport_options": {"polling_interval": 0.3,
+                                                                              "echo": False}})
+    connection, _ = broker.new_connection()
+    assert connection.transport_options == {"echo": False}
+    assert connection.transport.polling_interval == 0.3
+    connection.release()
+
+
 @pytest.mark.parametrize(("pattern", "key", "hit"), [
     ("#", "worker.heartbeat", True), ("worker.*", "worker.heartbeat", True),
     ("worker.*", "task.sent", False), ("task.#", "task", True), ("*", "", False),

@@ -228,14 +228,19 @@ class KombuBroker(Broker):
     # -- connections -------------------------------------------------------------------------
 
     def new_connection(self) -> tuple[Connection, _Staging | None]:
-        """A new, not yet connected ``Connection`` for this broker's URL and options, with
-        its staging folder on the filesystem transport (None elsewhere)."""
+        """A new, not yet connected ``kombu.Connection`` for this broker's URL and options, with
+        its staging folder on the filesystem transport (None elsewhere). ``polling_interval`` is
+        set on the transport (kombu's SQLAlchemy transport would pass it to ``create_engine``).
+        Thread-safe."""
         conf = self.conf
         options = dict(self.transport_options)
         staging = None
         if self.alias == "filesystem":
             staging = _Staging(options.get("data_folder_out", "data_out"))
             options["data_folder_out"] = str(staging.folder)
+        interval = options.get("polling_interval")
+        if self.alias in ("sqla", "sqlalchemy"):  # kombu hands every option to create_engine()
+            options.pop("polling_interval", None)
         kwargs: dict[str, Any] = {"transport_options": options}
         if conf.get("broker_connection_timeout") is not None:
             kwargs["connect_timeout"] = conf["broker_connection_timeout"]
@@ -245,8 +250,8 @@ class KombuBroker(Broker):
             kwargs["login_method"] = conf["broker_login_method"]
         connection = Connection(self.kombu_url, **kwargs)
         transport = connection.transport
-        if isinstance(transport, virtual.Transport) and "polling_interval" not in self.transport_options:
-            transport.polling_interval = DEFAULT_POLLING_INTERVAL
+        if isinstance(transport, virtual.Transport):
+            transport.polling_interval = DEFAULT_POLLING_INTERVAL if interval is None else float(interval)
         return connection, staging
 
     def error(self, exc: BaseException, doing: str) -> BrokerConnectionError:
