@@ -87,6 +87,7 @@ class Figure:
     seconds: float | None
     client_seconds: float | None = None
     publish_seconds: float | None = None
+    worker_cpu_seconds: float | None = None
     error: str | None = None
 
     @property
@@ -197,6 +198,15 @@ class Run:
             time.sleep(0.01)
         raise RuntimeError(f"worker not ready:\n{self.log.read_text(errors='replace')[-3000:]}")
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) the worker process has used so far (Linux), else None."""
+        try:
+            assert self.worker is not None
+            fields = Path(f"/proc/{self.worker.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
+        except (OSError, AssertionError, IndexError, ValueError):
+            return None
+
     def stop_worker(self) -> None:
         """Warm shutdown, SIGKILL after 30 s."""
         worker, self.worker = self.worker, None
@@ -278,6 +288,7 @@ def measure(run: Run, workload: str, mode: str, tasks: int, concurrency: int, ar
             run.collect(results, timeout)
             figure.client_seconds = round(time.monotonic() - started, 3)
             log = run.log.read_text(errors="replace")
+        figure.worker_cpu_seconds = run.cpu_seconds()
         done = _log_times(log, "] succeeded in ")
         if len(done) != tasks:
             raise RuntimeError(f"the worker logged {len(done)} successes for {tasks} tasks")
@@ -336,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                             print(f"{pool:9} {broker:6} {workload:6} {mode:6} {figure.tasks} tasks "
                                   f"-c {concurrency:<5} worker {_show(figure.seconds)} s "
                                   f"(goal < {GOALS[workload]:.0f} s: {figure.verdict}), client "
-                                  f"{_show(figure.client_seconds)} s, publishing {_show(figure.publish_seconds)} s"
+                                  f"{_show(figure.client_seconds)} s, publishing {_show(figure.publish_seconds)} s, "
+                                  f"worker CPU {_show(figure.worker_cpu_seconds)} s"
                                   f"{'  ' + figure.error if figure.error else ''}", flush=True)
                 finally:
                     run.close()
