@@ -8,7 +8,7 @@ module (and with it any network library) is imported: the whole process is monke
 so ``time.sleep``, sockets, ``threading`` and ``queue`` cooperate. The worker's own threads (the
 consumer loop, the timer, broker I/O threads) become green threads of the same hub.
 
-``apply_async`` never blocks: up to ``concurrency`` greenlets run at once and further jobs wait
+``apply_async`` never blocks: up to ``concurrency`` green threads run at once and further jobs wait
 in a FIFO until a slot frees. Soft time limits raise ``SoftTimeLimitExceeded`` inside the task's
 green thread; hard limits raise ``TimeLimitExceeded`` there, which ends the task (the worker stores
 the failure) and frees the slot. Neither can interrupt code that never yields to the hub (a
@@ -111,7 +111,7 @@ class EventletPool(Pool):
             type(self).early_init()
         if self.patched_late:
             logger.warning("eventlet patched this process late: %s had already been loaded, so code "
-                           "using them may block every greenlet. Import them after the worker "
+                           "using them may block every green thread. Import them after the worker "
                            "starts (the CLI patches first when given -P eventlet).",
                            ", ".join(self.patched_late))
         logger.info("Pool: %s.", self.description)
@@ -177,13 +177,13 @@ class EventletPool(Pool):
 
     def grow(self, n: int = 1) -> None:
         """Allow ``n`` more tasks at once (``control pool_grow``, autoscale); waiting tasks
-        start at once. Safe from any greenlet."""
+        start at once. Safe from any green thread."""
         self.concurrency += max(0, int(n))
         self._fill()
 
     def shrink(self, n: int = 1) -> None:
         """Allow ``n`` fewer tasks at once, never fewer than one (``control pool_shrink``).
-        Running tasks are not interrupted: fewer new ones start. Safe from any greenlet."""
+        Running tasks are not interrupted: fewer new ones start. Safe from any green thread."""
         self.concurrency = max(1, self.concurrency - max(0, int(n)))
 
     def stop(self, wait: bool = True) -> None:
