@@ -87,6 +87,7 @@ class Project:
 
     def __init__(self, root: Path, celeriac_url: str, celery_url: str, options: dict[str, Any]) -> None:
         self.root = root
+        self.celeriac_url = celeriac_url
         suffix = uuid.uuid4().hex[:8]
         self.queue = f"kombu-e2e-{suffix}"
         self.out = root / "out.jsonl"
@@ -153,6 +154,11 @@ class Project:
                     pass
         if str(self.root) in sys.path:
             sys.path.remove(str(self.root))
+        if self.celeriac_url.startswith("kombu+sqla"):  # kombu's SQLAlchemy transport keeps acked rows
+            from celeriac_kombu import KombuBroker
+
+            with KombuBroker(self.celeriac_url, {}) as broker:
+                broker.delete_queue(self.queue)
 
 
 def _filesystem(tmp_path: Path) -> tuple[str, str, dict[str, Any]]:
