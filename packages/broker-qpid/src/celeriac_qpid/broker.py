@@ -155,10 +155,11 @@ class QpidBroker(Broker):
             if known is not None:
                 return [self._queue_target(known)]
             return [Target(self.dialect.existing_queue(routing_key))]
-        bound = [q for q in list(self._declared.values()) if q.exchange is not None and q.exchange.name == exchange]
-        if bound and not all(self._emulated(q) for q in bound):
+        on_exchange = [q for q in list(self._declared.values())
+                       if q.exchange is not None and q.exchange.name == exchange]
+        if on_exchange and not all(self._emulated(q) for q in on_exchange):
             # an exchange known here: its bound queues (none matching: unroutable, dropped)
-            targets = {self._queue_target(q): None for q in bound if self._binds(q, routing_key)}
+            targets = {self._queue_target(q): None for q in on_exchange if self._binds(q, routing_key)}
             return list(targets)
         address, subject = self.dialect.exchange(exchange, routing_key)
         return [Target(address, subject=subject)]

@@ -90,7 +90,7 @@ def encode(message: Message, subject: str | None = None) -> bytes:
             else:
                 extra[str(key)] = value
         app[JSON_PROPERTY] = json.dumps({"h": extra, "p": rest}, separators=(",", ":"))
-    out.properties = app
+    out.properties = app  # type: ignore[assignment]
     return out.encode()  # type: ignore[no-any-return]
 
 
@@ -100,8 +100,8 @@ def _text(value: Any) -> str:
 
 def message_id(raw: AMQPMessage) -> str:
     """The best id of a received message for logs: the ``id`` header, else the message id."""
-    props = raw.properties if isinstance(raw.properties, dict) else {}
-    return str(props.get("id") or raw.id or raw.correlation_id or "<no id>")
+    app: dict[str, Any] = raw.properties if isinstance(raw.properties, dict) else {}
+    return str(app.get("id") or raw.id or raw.correlation_id or "<no id>")
 
 
 def decode(raw: AMQPMessage) -> Message:
@@ -122,7 +122,8 @@ def decode(raw: AMQPMessage) -> Message:
         raise DecodeError(f"the body is an AMQP value of type {type(body).__name__}, not data or text")
     headers: dict[str, Any] = {}
     blob: Any = None
-    for key, value in (raw.properties or {}).items():
+    received: dict[Any, Any] = raw.properties or {}
+    for key, value in received.items():
         if not isinstance(key, str):
             raise DecodeError(f"application property key {key!r} is not a string")
         if key == JSON_PROPERTY:

@@ -90,7 +90,7 @@ class QpidConsumer(Consumer):
         self._session_done = threading.Event()
         self.error: str | None = None
         self._closed = False
-        reactor.add(self)
+        reactor.add_attachment(self)
         deadline = time.monotonic() + attach_timeout + reactor.options.connect_timeout
         while not self._attached.wait(0.1):
             if reactor.error is not None and not reactor.error.transient:
@@ -350,7 +350,7 @@ class QpidConsumer(Consumer):
                 link.flow(count)
 
     def _shutdown(self) -> None:
-        self.reactor.remove(self)
+        self.reactor.remove_attachment(self)
         self._apply()
         for delivery, _link in self._unsettled.values():
             delivery.update(AMQPDelivery.RELEASED)

@@ -311,7 +311,7 @@ class Reactor(Handler):  # type: ignore[misc]
 
     def schedule(self, delay: float, fn: Callable[[], None]) -> None:
         """Reactor thread: run ``fn`` after ``delay`` seconds."""
-        self.container.schedule(delay, _Timer(fn))
+        self.container.schedule(delay, _Timer(fn))  # type: ignore[arg-type]
 
     # -- connecting ---------------------------------------------------------------------------
 
@@ -802,7 +802,8 @@ class Reactor(Handler):  # type: ignore[misc]
             sender.link.close()
 
     def on_sendable(self, event: Any) -> None:
-        sender = self._senders.get(self._target_of(event.link))
+        target = self._target_of(event.link)
+        sender = self._senders.get(target) if target is not None else None
         if sender is not None:
             self._pump(sender)
 
@@ -882,7 +883,7 @@ class Reactor(Handler):  # type: ignore[misc]
 
     # -- attachments --------------------------------------------------------------------------
 
-    def add(self, attachment: Attachment) -> None:
+    def add_attachment(self, attachment: Attachment) -> None:
         """Register ``attachment`` and attach it now if connected (thread-safe)."""
 
         def run() -> None:
@@ -892,7 +893,7 @@ class Reactor(Handler):  # type: ignore[misc]
 
         self.submit(run)
 
-    def remove(self, attachment: Attachment) -> None:
+    def remove_attachment(self, attachment: Attachment) -> None:
         """Reactor thread: stop re-attaching ``attachment`` after reconnections."""
         with contextlib.suppress(ValueError):
             self._attachments.remove(attachment)
