@@ -340,7 +340,7 @@ def drive(system: str, scenarios_path: str, out_path: str) -> None:
         total = sum(pipe.execute())
         if total != last:
             last, stable = total, time.monotonic()
-        elif time.monotonic() - stable > 2.5:
+        elif time.monotonic() - stable > 3:
             break
         time.sleep(0.25)
     for sid, key in keys.items():

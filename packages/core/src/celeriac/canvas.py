@@ -738,7 +738,7 @@ class chord(Signature):
         errback = maybe_signature(errback, self._app)
         if self.app.conf.get("task_allow_error_cb_on_chord_header", False):
             for member in self.header.tasks:
-                maybe_signature(member, self._app).link_error(errback.clone().set(immutable=True))
+                maybe_signature(member, self._app).link_error(errback.clone())
         # A chord nested in the header links the errback to its own body too (as Celery).
         for member in self.header.tasks:
             if isinstance(member, chord):
