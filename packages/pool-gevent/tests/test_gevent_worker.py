@@ -251,6 +251,21 @@ def green_app(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], str]]:
         module = sys.modules.pop(name, None)
         if module is not None:
             module.app.close()
+        _delete_redis_keys(queue + "_")
+
+
+def _delete_redis_keys(prefix: str) -> None:
+    """Delete the test's keys (its ``global_keyprefix``) from the test Redis, if it is up."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+    except redis.RedisError:
+        pass
 
 
 def _spawn(cwd: Path, env: dict[str, str], module: str, tag: str, concurrency: int = 100) -> WorkerProcess:
