@@ -258,7 +258,7 @@ def test_acks_late_task_of_a_killed_worker_runs_on_another(project: Project) -> 
 
     first = project.celeriac_worker("a")
     mod = project.module(project.celeriac_mod)
-    result = mod.mark.apply_async((1,), kwargs={"sleep": 3.0})
+    result = mod.mark.apply_async((1,), kwargs={"sleep": 8.0})
     key = project.prefix + "unacked"
     wait_for(lambda: project.redis.hlen(key) == 1 and
              not project.redis.exists(project.prefix + project.common.replace("e2e_common_", "q")),

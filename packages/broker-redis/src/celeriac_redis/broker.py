@@ -58,7 +58,7 @@ from celeriac.broker.base import (
 from celeriac.exceptions import BrokerConnectionError, ImproperlyConfigured
 from celeriac.protocol import Message
 from celeriac.routing import Queue
-from celeriac.serialization import json_dumps
+from celeriac.serialization import json_dumps, json_loads
 from celeriac_redis import scripts
 from celeriac_redis.connection import (
     TRANSIENT_ERRORS,
@@ -68,7 +68,9 @@ from celeriac_redis.connection import (
 )
 from celeriac_redis.layout import (
     PARKED_PROPERTY,
+    CorruptEnvelope,
     Layout,
+    decode_envelope,
     encode_envelope,
     split_binding,
     topic_matches,
@@ -342,18 +344,54 @@ class RedisBroker(Broker):
 
     # -- management ---------------------------------------------------------------------------
 
-    def purge(self, queue: str) -> int:
-        """Delete the ready messages of every priority list of ``queue``; return how many.
+    def _parked(self, queues: Sequence[str]) -> list[tuple[float, str, bytes]]:
+        """``(due time, tag, stored envelope)`` of the parked entries for ``queues`` (matched by
+        routing key, as the restore routes them), soonest first."""
+        wanted = set(queues)
+        lay = self.layout
+        stored = self.retrying(lambda: self.client.hgetall(lay.key(lay.unacked)))
+        found: list[tuple[float, str, bytes]] = []
+        for tag, raw in stored.items():
+            try:
+                envelope, _exchange, routing_key = json_loads(raw)[:3]
+                when = (envelope.get("properties") or {}).get(PARKED_PROPERTY)
+            except (ValueError, TypeError, AttributeError):
+                continue
+            if when is not None and routing_key in wanted:
+                found.append((float(when), tag.decode() if isinstance(tag, bytes) else str(tag),
+                              json_dumps(envelope)))
+        found.sort()
+        return found
 
-        Parked (delayed) messages are not counted nor deleted. Thread-safe."""
+    def scheduled(self, queues: Sequence[str], limit: int = 1000) -> list[tuple[float, Message]]:
+        """Messages of ``queues`` parked until their ETA (at publish with ``native_delay``, or on
+        fetch when due more than ``park_eta_after`` away), soonest first. Thread-safe."""
+        out: list[tuple[float, Message]] = []
+        for when, _tag, envelope in self._parked(queues)[:limit]:
+            try:
+                out.append((when, decode_envelope(envelope)[0]))
+            except CorruptEnvelope:
+                continue
+        return out
+
+    def purge(self, queue: str) -> int:
+        """Delete the ready messages of every priority list of ``queue``, and its messages parked
+        until their ETA; return how many. Thread-safe."""
         keys = self.layout.queue_keys(queue)
+        lay = self.layout
+        tags = [tag for _, tag, _ in self._parked([queue])]
 
         def run() -> int:
             pipe = self.client.pipeline(transaction=True)
             for key in keys:
                 pipe.llen(key)
             pipe.delete(*keys)
-            return int(sum(pipe.execute()[:-1]))
+            if tags:
+                pipe.hdel(lay.key(lay.unacked), *tags)
+                pipe.zrem(lay.key(lay.unacked_index), *tags)
+            results = pipe.execute()
+            removed = int(results[len(keys) + 1]) if tags else 0
+            return int(sum(results[:len(keys)])) + removed
 
         return int(self.retrying(run))
 
