@@ -15,6 +15,8 @@ from celeriac_kombu import KombuBroker
 class TestFilesystem(BrokerConformance):
     """``kombu+filesystem:///tmp/...``: fanout through kombu's control folder."""
 
+    receive_timeout = 20.0  # a commit or file per message: slow on a busy machine
+
     @pytest.fixture
     def broker(self, filesystem_url: str) -> Iterator[KombuBroker]:
         b = KombuBroker(filesystem_url, {})
@@ -33,6 +35,8 @@ class TestFilesystem(BrokerConformance):
 class TestSQLAlchemyPostgres(BrokerConformance):
     """``kombu+sqla+postgresql://``: no fanout in kombu's SQLAlchemy transport."""
 
+    receive_timeout = 30.0  # a commit or file per message: slow on a busy machine
+
     @pytest.fixture
     def broker(self, sqla_url: str) -> Iterator[KombuBroker]:
         b = KombuBroker(sqla_url, {})
@@ -50,6 +54,8 @@ class TestSQLAlchemyPostgres(BrokerConformance):
 
 class TestZookeeper(BrokerConformance):
     """``kombu+zookeeper://``: kazoo's queue recipe; no fanout."""
+
+    receive_timeout = 30.0  # a commit or file per message: slow on a busy machine
 
     @pytest.fixture
     def broker(self, zookeeper_url: str) -> Iterator[KombuBroker]:
