@@ -16,15 +16,23 @@ from celeriac.testing.process import require_server
 # pytest runs with --import-mode=importlib: make the helper module importable by the tests.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from qpid_support import QPID_URL, delete_queues, ensure_rabbitmq_running
+from qpid_support import (
+    QPID_URL,
+    delete_leaked_subscriptions,
+    delete_queues,
+    ensure_rabbitmq_running,
+)
 
 from celeriac_qpid import QpidBroker
 
 
 @pytest.fixture(scope="session")
-def qpid_url() -> str:
-    """The AMQP 1.0 URL under test (skips, or fails with CELERIAC_REQUIRE_BROKERS=1)."""
-    return require_server("RabbitMQ (AMQP 1.0)", QPID_URL, 5672, "CELERIAC_TEST_QPID_URL")
+def qpid_url() -> Iterator[str]:
+    """The AMQP 1.0 URL under test (skips, or fails with CELERIAC_REQUIRE_BROKERS=1). At the end
+    of the session, the subscription queues RabbitMQ 3.x kept are deleted."""
+    yield require_server("RabbitMQ (AMQP 1.0)", QPID_URL, 5672, "CELERIAC_TEST_QPID_URL")
+    if shutil.which("rabbitmqctl") is not None:
+        delete_leaked_subscriptions()
 
 
 @pytest.fixture

@@ -67,3 +67,26 @@ def ensure_rabbitmq_running(timeout: float = 60.0) -> None:
             return
         time.sleep(0.2)
     raise RuntimeError("RabbitMQ did not come back")
+
+
+#: Routing keys on amq.topic of the subscriptions this package's tests make (AMQP 1.0 dialect).
+SUBSCRIPTION_KEYS = ("celeriac-kit-bx-", "celery_pidbox", "celeryev.", "reply_celery_pidbox.", PREFIX)
+
+
+def delete_leaked_subscriptions() -> None:
+    """Delete the queues RabbitMQ 3.x keeps after an AMQP 1.0 ``/topic/`` subscription ended
+    (bound to amq.topic with one of :data:`SUBSCRIPTION_KEYS`, no consumer). Best effort,
+    needs ``rabbitmqctl``."""
+    def run(*args: str) -> list[list[str]]:
+        try:
+            out = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60,
+                                 check=False).stdout
+        except (OSError, subprocess.SubprocessError):
+            return []
+        return [line.split("\t") for line in out.splitlines() if "\t" in line]
+
+    bound = {row[1] for row in run("list_bindings", "source_name", "destination_name", "routing_key")
+             if len(row) == 3 and row[0] == "amq.topic" and row[1].startswith("amq.gen-")
+             and row[2].startswith(SUBSCRIPTION_KEYS)}
+    idle = {row[0] for row in run("list_queues", "name", "consumers") if len(row) == 2 and row[1] == "0"}
+    delete_queues(sorted(bound & idle))

@@ -269,7 +269,17 @@ class QpidBroker(Broker):
         pre-settled). Thread-safe."""
         address, subject, capabilities = self.dialect.broadcast(exchange, routing_key)
         target = Target(address, capabilities=capabilities, presettled=True, subject=subject)
-        self.reactor.publish(target, codec.encode(message, subject), f"broadcast to {exchange!r}")
+        self.reactor.publish(target, codec.encode(message, subject, self._broadcast_ttl(exchange)),
+                             f"broadcast to {exchange!r}")
+
+    def _broadcast_ttl(self, exchange: str) -> float:
+        """Seconds a broadcast may wait in a subscriber's queue: Celery's ``event_queue_ttl``
+        (5) for events, ``control_queue_ttl`` (300) for remote control. RabbitMQ 3.x keeps the
+        queue of a ``/topic/`` subscription after it ends, so this bounds what piles up there."""
+        conf = self.conf
+        if exchange == (conf.get("event_exchange") or "celeryev"):
+            return float(conf.get("event_queue_ttl") or 5.0)
+        return float(conf.get("control_queue_ttl") or 300.0)
 
     def subscribe(self, exchange: str, pattern: str = "#") -> Subscription:
         """Receive broadcasts of ``exchange`` matching ``pattern`` from now on."""

@@ -40,8 +40,9 @@ def _simple(value: Any) -> bool:
     return isinstance(value, int) and -_LONG <= value < _LONG
 
 
-def encode(message: Message, subject: str | None = None) -> bytes:
-    """The AMQP 1.0 encoding of ``message`` (bare message with header and properties).
+def encode(message: Message, subject: str | None = None, ttl: float | None = None) -> bytes:
+    """The AMQP 1.0 encoding of ``message`` (bare message with header and properties);
+    ``ttl`` (seconds) is the time to live of a message that has no ``expiration`` of its own.
 
     Raises ``TypeError``/``ValueError`` for headers JSON cannot encode.
     """
@@ -77,6 +78,8 @@ def encode(message: Message, subject: str | None = None) -> bytes:
                 out.creation_time = float(value)
     if subject is not None:
         out.subject = subject
+    if ttl is not None and "expiration" not in rest:
+        out.ttl = ttl
     app: dict[str, Any] = {key: headers[key] for key in VISIBLE if _simple(headers.get(key, ()))}
     try:
         # every header in one JSON property: one string for proton to encode and decode
