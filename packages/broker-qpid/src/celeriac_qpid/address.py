@@ -105,13 +105,15 @@ def parse_url(url: str) -> list[Endpoint]:
 @dataclass(frozen=True, slots=True)
 class Target:
     """Where a sender link points: the node address, whether the node is declared durable,
-    the target capabilities, and whether deliveries are pre-settled (fire-and-forget)."""
+    the target capabilities, and whether deliveries are pre-settled (fire-and-forget); the
+    subject and time to live its messages get."""
 
     address: str
     durable: bool = False
     capabilities: tuple[str, ...] = ()
     presettled: bool = False
     subject: str | None = field(default=None, compare=False)
+    ttl: float | None = field(default=None, compare=False)
 
 
 def topic_matches(pattern: str, key: str) -> bool:

@@ -133,7 +133,7 @@ class QpidBroker(Broker):
         if self._emulated(queue):
             assert queue.exchange is not None
             address, subject = self.dialect.exchange(queue.exchange.name, queue.binding_key)
-            return Target(address, subject=subject)
+            return Target(address, subject=subject, ttl=self._broadcast_ttl(queue.exchange.name))
         return Target(self.dialect.queue(queue.name), durable=bool(queue.durable))
 
     def _source(self, queue: Queue) -> Source:
@@ -162,7 +162,7 @@ class QpidBroker(Broker):
             targets = {self._queue_target(q): None for q in on_exchange if self._binds(q, routing_key)}
             return list(targets)
         address, subject = self.dialect.exchange(exchange, routing_key)
-        return [Target(address, subject=subject)]
+        return [Target(address, subject=subject, ttl=self._broadcast_ttl(exchange))]
 
     @staticmethod
     def _binds(queue: Queue, routing_key: str) -> bool:
@@ -211,7 +211,7 @@ class QpidBroker(Broker):
         reactor = self.reactor
         what = f"publish to {exchange or routing_key!r}"
         for target in targets:
-            reactor.publish(target, codec.encode(message, target.subject), what)
+            reactor.publish(target, codec.encode(message, target.subject, target.ttl), what)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until the broker settled every message published so far; False on timeout."""
@@ -273,9 +273,10 @@ class QpidBroker(Broker):
                              f"broadcast to {exchange!r}")
 
     def _broadcast_ttl(self, exchange: str) -> float:
-        """Seconds a broadcast may wait in a subscriber's queue: Celery's ``event_queue_ttl``
-        (5) for events, ``control_queue_ttl`` (300) for remote control. RabbitMQ 3.x keeps the
-        queue of a ``/topic/`` subscription after it ends, so this bounds what piles up there."""
+        """Seconds a broadcast (or a message to an emulated exchange, such as a remote-control
+        reply) may wait in a subscriber's queue: Celery's ``event_queue_ttl`` (5) for events,
+        ``control_queue_ttl`` (300) otherwise. RabbitMQ 3.x keeps the queue of a ``/topic/``
+        subscription after it ends, so this bounds what piles up there."""
         conf = self.conf
         if exchange == (conf.get("event_exchange") or "celeryev"):
             return float(conf.get("event_queue_ttl") or 5.0)
