@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -270,10 +271,12 @@ def _delete_redis_keys(prefix: str) -> None:
 
 def _spawn(cwd: Path, env: dict[str, str], module: str, tag: str, concurrency: int = 100) -> WorkerProcess:
     full = {**os.environ, **env, "PYTHONPATH": str(cwd)}
+    name = f"{tag}-{uuid.uuid4().hex[:6]}"
     argv = [*CELERIAC, "-A", module, "worker", "-l", "info", "-P", POOL, "-c", str(concurrency),
-            "-n", f"{tag}-{uuid.uuid4().hex[:6]}@%h"]
+            "-n", f"{name}@%h"]
     worker = WorkerProcess(argv, str(cwd), full, str(cwd / f"{tag}.log"))
     worker.wait_ready()
+    worker.nodename = f"{name}@{socket.gethostname()}"  # type: ignore[attr-defined]
     return worker
 
 
@@ -305,14 +308,16 @@ def test_time_limits_inspect_active_and_warm_shutdown_on_redis(
             hard.get(timeout=15)
         assert hard.state == "FAILURE"
         # remote control resizes the pool
-        replies = mod.app.control.broadcast("pool_grow", arguments={"n": 5}, reply=True, timeout=2.5)
+        only = [worker.nodename]  # type: ignore[attr-defined]
+        replies = mod.app.control.broadcast("pool_grow", arguments={"n": 5}, destination=only, reply=True,
+                                            timeout=2.5)
         assert replies and all("ok" in next(iter(r.values())) for r in replies), replies
-        stats = mod.app.control.inspect(timeout=2.5).stats() or {}
+        stats = mod.app.control.inspect(destination=only, timeout=2.5).stats() or {}
         assert [info["pool"]["max-concurrency"] for info in stats.values()] == [105], stats
         # the worker goes on: three acks_late tasks run at once, and inspect sees them
         results = [mod.slow.delay(i, 4.0) for i in range(3)]
         _wait_for(lambda: len(_tally(cwd, "start")) == 3, 15, "three running tasks")
-        active = mod.app.control.inspect(timeout=2.5).active() or {}
+        active = mod.app.control.inspect(destination=only, timeout=2.5).active() or {}
         running = {task["id"] for tasks in active.values() for task in tasks}
         assert {r.id for r in results} <= running, active
         # warm shutdown waits for them
