@@ -180,24 +180,30 @@ class RabbitMQDialect(Dialect):
     name = "rabbitmq"
 
     def virtual_host(self, endpoint: Endpoint) -> str | None:
+        """``vhost:NAME``, RabbitMQ's way of naming the virtual host."""
         return f"vhost:{endpoint.vhost or '/'}"
 
     def queue(self, name: str) -> str:
+        """``/queue/NAME``: RabbitMQ declares the queue on attach."""
         return f"/queue/{_seg(name)}"
 
     def existing_queue(self, name: str) -> str:
+        """``/amq/queue/NAME``: an existing queue, whatever its settings."""
         return f"/amq/queue/{_seg(name)}"
 
     def exchange(self, exchange: str, routing_key: str) -> tuple[str, str | None]:
+        """The broadcast address: named exchanges are emulated on ``amq.topic``."""
         # AMQP 1.0 cannot declare an exchange on RabbitMQ 3.x (and /exchange/X must exist):
         # named exchanges are emulated on amq.topic, as broadcasts are.
         return self.broadcast(exchange, routing_key)[:2]
 
     def broadcast(self, exchange: str, routing_key: str) -> tuple[str, str | None, tuple[str, ...]]:
+        """``/topic/<exchange>.<routing key>`` on ``amq.topic``."""
         key = f"{_word(exchange)}.{routing_key}" if routing_key else _word(exchange)
         return f"/topic/{key}", routing_key or None, ()
 
     def subscription(self, exchange: str, pattern: str) -> tuple[str, str | None, tuple[str, ...]]:
+        """``/topic/<exchange>.<pattern>``: RabbitMQ binds a queue of its own to ``amq.topic``."""
         return f"/topic/{_word(exchange)}.{pattern or '#'}", None, ()
 
 
@@ -207,15 +213,19 @@ class PlainDialect(Dialect):
     name = "plain"
 
     def queue(self, name: str) -> str:
+        """The bare queue name."""
         return name
 
     def exchange(self, exchange: str, routing_key: str) -> tuple[str, str | None]:
+        """Address ``exchange``, the routing key as the subject."""
         return exchange, routing_key or None
 
     def broadcast(self, exchange: str, routing_key: str) -> tuple[str, str | None, tuple[str, ...]]:
+        """Address ``exchange`` with the ``topic`` (multicast) capability."""
         return exchange, routing_key or None, ("topic",)
 
     def subscription(self, exchange: str, pattern: str) -> tuple[str, str | None, tuple[str, ...]]:
+        """Address ``exchange`` (``topic`` capability); the subscriber matches ``pattern``."""
         return exchange, (pattern or "#"), ("topic",)
 
 

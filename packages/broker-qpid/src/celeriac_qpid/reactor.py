@@ -188,6 +188,7 @@ class _Timer:
         self.fn = fn
 
     def on_timer_task(self, _event: Any) -> None:
+        """Proton timer callback: run the function."""
         self.fn()
 
 
@@ -316,6 +317,7 @@ class Reactor(Handler):  # type: ignore[misc]
     # -- connecting ---------------------------------------------------------------------------
 
     def on_start(self, _event: Any) -> None:
+        """Reactor thread: the container started; connect."""
         self._connect()
         self.schedule(0.5, self._housekeeping)
 
@@ -359,6 +361,7 @@ class Reactor(Handler):  # type: ignore[misc]
         return domain
 
     def on_connection_opened(self, event: Any) -> None:
+        """Reactor thread: the broker opened the connection; attach consumers, resend unsettled publishes."""
         if event.connection != self.connection:
             return
         if self._failures:
@@ -383,6 +386,7 @@ class Reactor(Handler):  # type: ignore[misc]
         self.opened.set()
 
     def on_transport_error(self, event: Any) -> None:
+        """Reactor thread: remember the socket or SASL error (a refused login is permanent)."""
         condition = event.transport.condition
         if condition is None:
             return
@@ -395,6 +399,7 @@ class Reactor(Handler):  # type: ignore[misc]
                 f"(wrong user name or password?): {self.last_reason}")
 
     def on_connection_error(self, event: Any) -> None:
+        """Reactor thread: the broker closed the connection with an error."""
         condition = event.connection.remote_condition
         self.last_reason = describe(condition)
         if condition is not None and (condition.name == "amqp:unauthorized-access" or (
@@ -405,6 +410,7 @@ class Reactor(Handler):  # type: ignore[misc]
         event.connection.close()
 
     def on_session_error(self, event: Any) -> None:
+        """Reactor thread: the broker ended a session with an error (a refused link)."""
         session = event.session
         reason = describe(session.remote_condition)
         session.close()
@@ -431,6 +437,7 @@ class Reactor(Handler):  # type: ignore[misc]
                 self._sender(out.target).pending.append(out)
 
     def on_disconnected(self, event: Any) -> None:
+        """Reactor thread: the socket is gone; reconnect with backoff."""
         if event.connection != self.connection:
             return
         transport = event.transport
@@ -642,12 +649,15 @@ class Reactor(Handler):  # type: ignore[misc]
     #    dispatches per event, which is most of the reactor thread's time at high rates) -------
 
     def on_reactor_init(self, event: Any) -> None:
+        """Proton event: the container starts."""
         self.on_start(event)
 
     def on_connection_remote_open(self, event: Any) -> None:
+        """Proton event: the broker's Open arrived."""
         self.on_connection_opened(event)
 
     def on_connection_remote_close(self, event: Any) -> None:
+        """Proton event: the broker's Close arrived."""
         connection = event.connection
         if connection != self.connection:
             return
@@ -660,6 +670,7 @@ class Reactor(Handler):  # type: ignore[misc]
             connection.close()
 
     def on_session_remote_close(self, event: Any) -> None:
+        """Proton event: the broker's End arrived."""
         session = event.session
         if session.remote_condition is not None and not session.state & Endpoint.LOCAL_CLOSED:
             self.on_session_error(event)
@@ -669,9 +680,11 @@ class Reactor(Handler):  # type: ignore[misc]
         self.on_session_closed(event)
 
     def on_link_remote_open(self, event: Any) -> None:
+        """Proton event: the broker's Attach arrived."""
         self.on_link_opened(event)
 
     def on_link_remote_close(self, event: Any) -> None:
+        """Proton event: the broker's Detach arrived."""
         link = event.link
         if link.state & Endpoint.LOCAL_CLOSED:
             return
@@ -681,14 +694,17 @@ class Reactor(Handler):  # type: ignore[misc]
             self.on_link_closing(event)
 
     def on_transport_closed(self, event: Any) -> None:
+        """Proton event: the transport (socket) closed."""
         self.on_disconnected(event)
 
     def on_link_flow(self, event: Any) -> None:
+        """Proton event: credit changed; send what waits on a sender."""
         link = event.link
         if link.is_sender and link.credit:
             self.on_sendable(event)
 
     def on_delivery(self, event: Any) -> None:
+        """Proton event: a message arrived on a receiver, or the broker settled one we sent."""
         delivery = event.delivery
         link = delivery.link
         if link.is_receiver:
@@ -717,6 +733,7 @@ class Reactor(Handler):  # type: ignore[misc]
                 delivery.settle()
 
     def on_reactor_quiesced(self, _event: Any) -> None:
+        """Proton event, once per loop iteration: hand over confirmations and received batches."""
         if self._confirmed:
             confirmed, self._confirmed = self._confirmed, 0
             self._release(confirmed)
@@ -725,11 +742,13 @@ class Reactor(Handler):  # type: ignore[misc]
             consumer.publish()
 
     def on_session_closed(self, event: Any) -> None:
+        """Reactor thread: a session we ended is closed on both sides."""
         owner = self.session_owners.pop(event.session, None)
         if owner is not None:
             owner.session_closed(event.session)
 
     def on_link_opened(self, event: Any) -> None:
+        """Reactor thread: the broker attached a link (a refused one has no terminus)."""
         link = event.link
         if not link.is_sender:
             owner = self.receivers.get(link.name)
@@ -751,6 +770,7 @@ class Reactor(Handler):  # type: ignore[misc]
                 return
 
     def on_link_error(self, event: Any) -> None:
+        """Reactor thread: the broker detached a link with an error."""
         link = event.link
         reason = describe(link.remote_condition)
         if link.is_sender:
@@ -763,6 +783,7 @@ class Reactor(Handler):  # type: ignore[misc]
         self._notify_link_lost(link, reason)
 
     def on_link_closing(self, event: Any) -> None:
+        """Reactor thread: the broker detached a link without an error."""
         link = event.link
         link.close()
         if link.is_sender:
@@ -802,6 +823,7 @@ class Reactor(Handler):  # type: ignore[misc]
             sender.link.close()
 
     def on_sendable(self, event: Any) -> None:
+        """Reactor thread: a sender has credit."""
         target = self._target_of(event.link)
         sender = self._senders.get(target) if target is not None else None
         if sender is not None:
