@@ -62,7 +62,7 @@ def _flush_at_exit() -> None:
     confirmed (up to 10 s)."""
     for broker in list(_LIVE):
         reactor = broker._reactor
-        if reactor is not None and broker._pid == os.getpid() and reactor.is_connected:
+        if reactor is not None and broker._pid == os.getpid():
             reactor.flush(10.0)
 
 

@@ -947,8 +947,7 @@ class Reactor(Handler):  # type: ignore[misc]
         the thread. Idempotent, thread-safe."""
         if self._closed.is_set():
             return
-        if self.is_connected:
-            self.flush(timeout)
+        self.flush(timeout)  # also through an outage: the reconnection sends them
 
         def run() -> None:
             self._closing = True
