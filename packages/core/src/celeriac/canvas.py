@@ -365,17 +365,6 @@ def final_signatures(sig: Any, app: Celeriac | None = None) -> list[Signature]:
     return [sig]
 
 
-def _result_leaves(result: Any) -> list[Any]:
-    from celeriac.result import ResultSet
-
-    if isinstance(result, ResultSet):
-        leaves: list[Any] = []
-        for member in result.results:
-            leaves.extend(_result_leaves(member))
-        return leaves
-    return [result]
-
-
 def _attach_parent(result: Any, parent: Any) -> None:
     """Make ``parent`` the parent of the first node of ``result``'s parent chain."""
     node = result
