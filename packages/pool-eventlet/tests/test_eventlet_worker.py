@@ -373,6 +373,7 @@ def test_embedded_sqlite_broker_and_backend_keep_few_connections(
     env = {**env, "GREEN_BROKER": f"sqlite:///{cwd}/broker.db", "GREEN_BACKEND": f"sqlite:///{cwd}/results.db"}
     worker = _spawn(cwd, env, module, "sqlite", concurrency=200)
     try:
+        assert "the process is monkey-patched)" in worker.log()  # the banner says so
         mod = _client(monkeypatch, env, module)
         started = time.monotonic()
         results = [mod.slow.delay(i, 1.0) for i in range(200)]

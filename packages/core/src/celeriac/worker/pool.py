@@ -28,6 +28,9 @@ class Pool(abc.ABC):
     """
 
     name: ClassVar[str] = "?"
+    #: One line the worker's banner prints after the pool's name (e.g. that a green pool has
+    #: monkey-patched the process); empty for none.
+    description: ClassVar[str] = ""
     #: True when :meth:`raise_soft_timeout` can interrupt a running task.
     soft_time_limits: ClassVar[bool] = False
     #: True for pools that run tasks in other processes. The worker then submits

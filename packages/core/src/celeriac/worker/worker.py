@@ -171,11 +171,10 @@ class Worker:
         if not self.app.conf.get("broker_url"):
             broker_line += " - the default: no broker configured, nothing to install"
         pool_note = self.pool_name + (" (default)" if self.pool_chosen_implicitly else "")
-        patched = getattr(pool_factory(self.pool_name), "banner_note", None)
-        if callable(patched):
-            patched = patched()
-        if patched:
-            pool_note += f", {patched}"
+        # A pool plugin may describe itself (green pools: "... the process is monkey-patched").
+        description = getattr(pool_factory(self.pool_name), "description", None)
+        if isinstance(description, str) and description:
+            pool_note += f"; {description}"
         app_name = f"{self.app.main or '__main__'}:{id(self.app):#x}"
         events = "ON" if self.events else "OFF (enable -E to monitor this worker)"
         art = ["--- ***** -----", "-- ******* ----", "- *** --- * ---", "- ** ----------"]
