@@ -488,7 +488,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dic
         deadline = time.monotonic() + 60
         for system, proc in zip(SYSTEMS, workers, strict=True):
             log = root / f"{system}.log"
-            while "ready" not in log.read_text(errors="replace"):
+            while " ready." not in log.read_text(errors="replace"):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"{system} worker did not start:\n{log.read_text()[-3000:]}")
                 time.sleep(0.1)
