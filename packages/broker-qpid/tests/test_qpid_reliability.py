@@ -148,7 +148,8 @@ def test_rabbitmq_stop_start_app_during_a_flow_loses_none(
         assert json.loads(out.strip().splitlines()[-1]) == {"sent": total}
         done = _wait_all(env, total, 90)
         missing = set(range(total)) - done
-        assert not missing, f"{len(missing)} tasks lost, e.g. {sorted(missing)[:10]}"
+        assert not missing, (f"{len(missing)} tasks lost, e.g. {sorted(missing)[:10]}\nclient:\n{err[-2000:]}"
+                             f"\nworker:\n{worker.log()[-2000:]}")
         assert "reconnecting" in worker.log(), "the worker never saw the outage"
     finally:
         if client.poll() is None:

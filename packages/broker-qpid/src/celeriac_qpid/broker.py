@@ -59,11 +59,13 @@ _LIVE: weakref.WeakSet[QpidBroker] = weakref.WeakSet()
 @atexit.register
 def _flush_at_exit() -> None:
     """A script that publishes and exits without ``app.close()`` still gets its messages
-    confirmed (up to 10 s)."""
+    confirmed (up to ``publish_retry_timeout``)."""
     for broker in list(_LIVE):
         reactor = broker._reactor
-        if reactor is not None and broker._pid == os.getpid():
-            reactor.flush(10.0)
+        if (reactor is not None and broker._pid == os.getpid() and reactor._inflight
+                and not reactor.flush(reactor.options.publish_timeout)):
+            logger.error("%d message(s) were not confirmed by %s before the process exited; "
+                             "they may be lost.", reactor._inflight, broker.safe_url)
 
 
 class QpidBroker(Broker):

@@ -145,6 +145,11 @@ class _Out:
     target: Target
     data: bytes
     seq: int
+    tries: int = 0
+
+
+#: How often a message is sent again after the broker detached a sender link that used to work.
+MAX_LINK_RETRIES = 3
 
 
 @dataclass(slots=True)
@@ -242,6 +247,7 @@ class Reactor(Handler):  # type: ignore[misc]
         self._confirmed = 0
         self._attached_targets: set[Target] = set()
         self._refused: dict[Target, str] = {}
+        self._worked: set[Target] = set()
         self._pending_waiters: list[tuple[Target, threading.Event]] = []
         self._connect_started = time.monotonic()
         self._finished = False
@@ -762,6 +768,7 @@ class Reactor(Handler):  # type: ignore[misc]
                     return  # refused: a detach with an error follows
                 sender.attached = True
                 self._attached_targets.add(sender.target)
+                self._worked.add(sender.target)
                 self._refused.pop(sender.target, None)
                 for waiter in sender.waiters:
                     waiter.set()
@@ -801,26 +808,53 @@ class Reactor(Handler):  # type: ignore[misc]
             owner.link_lost(link, reason)
 
     def _fail_sender(self, sender: _Sender) -> None:
-        """Drop a refused sender: its queued messages fail (logged), waiting callers get the error."""
+        """Drop a failed sender. For a target that never worked (refused), its messages fail
+        (logged) and waiting callers get the error; for one that did (the broker is shutting
+        down, a queue was deleted), its messages are sent again on a new link, a few times."""
         self._senders.pop(sender.target, None)
         self._attached_targets.discard(sender.target)
-        self._refused[sender.target] = sender.error or "refused"
-        dropped = 0
-        for out in sender.pending:
-            if self._unsettled.pop(out.seq, None) is not None:
-                dropped += 1
+        known = sender.target in self._worked
+        if not known:
+            self._refused[sender.target] = sender.error or "refused"
+        outs = {out.seq: out for out in sender.pending}
+        outs.update((seq, out) for seq, out in self._unsettled.items() if out.target == sender.target)
         sender.pending.clear()
-        for seq in [s for s, o in self._unsettled.items() if o.target == sender.target]:
-            del self._unsettled[seq]
-            dropped += 1
+        dropped = 0
+        retry: list[_Out] = []
+        for seq, out in sorted(outs.items()):
+            if self._unsettled.get(seq) is not out:
+                continue
+            if known and out.tries < MAX_LINK_RETRIES:
+                out.tries += 1
+                retry.append(out)
+            else:
+                del self._unsettled[seq]
+                dropped += 1
         if dropped:
             self._release(dropped)
             logger.error("%d message(s) to %s were not delivered: %s", dropped, self.safe_url, sender.error)
+        if retry:
+            logger.warning("%s; sending %d message(s) again.", sender.error, len(retry))
+            self.schedule(1.0, lambda: self._requeue(retry))
         for waiter in sender.waiters:
             waiter.set()
         sender.waiters.clear()
         with contextlib.suppress(Exception):
             sender.link.close()
+
+    def _requeue(self, outs: list[_Out]) -> None:
+        """Reactor thread: send ``outs`` again (unless a reconnection did already)."""
+        if self.connection is None or not self.opened.is_set():
+            return  # on_connection_opened sends every unsettled message
+        touched: dict[Target, _Sender] = {}
+        for out in outs:
+            if self._unsettled.get(out.seq) is out:
+                sender = self._sender(out.target)
+                if out not in sender.pending:
+                    sender.pending.append(out)
+                touched[out.target] = sender
+        for sender in touched.values():
+            self._pump(sender)
 
     def on_sendable(self, event: Any) -> None:
         """Reactor thread: a sender has credit."""
@@ -947,7 +981,10 @@ class Reactor(Handler):  # type: ignore[misc]
         the thread. Idempotent, thread-safe."""
         if self._closed.is_set():
             return
-        self.flush(timeout)  # also through an outage: the reconnection sends them
+        # also through an outage: the reconnection sends them
+        if self._inflight and not self.flush(max(timeout, self.options.publish_timeout)):
+            logger.error("%d message(s) were not confirmed by %s before the connection closed; "
+                         "they may be lost.", self._inflight, self.safe_url)
 
         def run() -> None:
             self._closing = True
