@@ -675,8 +675,11 @@ class chord(Signature):
             super().__init__(header, app=app)
             kw = self.kwargs
             header_data = kw["header"]
-            header_options = dict(header_data.get("options") or {}) \
-                if isinstance(header_data, dict) and header_data.get("subtask_type") == "group" else {}
+            if isinstance(header_data, dict) and header_data.get("subtask_type") == "group":
+                header_options = dict(header_data.get("options") or {})
+            else:  # a plain list: the chord's id names the header group (as Celery reads it)
+                header_options = {"task_id": self.options["task_id"]} \
+                    if self.options.get("task_id") else {}
             kw["header"] = group(*[maybe_signature(t, self._app) for t in _header_tasks(header_data)],
                                  app=self._app, **header_options)
             kw["body"] = maybe_signature(kw["body"], self._app) if kw.get("body") else None
@@ -762,13 +765,15 @@ class chord(Signature):
         if body is None:
             raise ValueError("A chord needs a body before it can be sent.")
         body = self.kwargs["body"] = _expand(body)
-        result = body.freeze(_id or self.options.get("task_id"), group_id=group_id, chord=chord,
+        result = body.freeze(_id, group_id=group_id, chord=chord,
                              group_index=group_index, root_id=root_id)
         gid = self.header.options.get("task_id") or str(uuid.uuid4())
         self.header.options["task_id"] = gid
         header_result = self.header.freeze(gid, root_id=root_id)
         _attach_parent(result, header_result)
-        self.options["task_id"] = result.id
+        # As Celery: a frozen chord's own id is its header's group id (a Celery worker that
+        # reads the chord with a plain list as header uses it as the group id).
+        self.options["task_id"] = gid
         return result
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
@@ -865,12 +870,17 @@ class xmap(Signature):
     builtin_name = "celery.map"
 
     def __init__(self, task: Any, it: Any = None, app: Celeriac | None = None, **options: Any) -> None:
-        if isinstance(task, dict) and task.get("subtask_type") == self.subtask_type_name and it is None:
+        if isinstance(task, dict) and it is None and (
+                task.get("subtask_type") == self.subtask_type_name
+                or task.get("task") == self.builtin_name):
             super().__init__(task, app=app)
             return
         sig = maybe_signature(task, app)
         super().__init__(self.builtin_name, (), {"task": sig, "it": list(it or [])}, options,
                          immutable=True, app=app or sig._app)
+        # On the wire it is a plain task signature, as Celery sends it (a worker of either
+        # kind runs it as the builtin task, keeping its options).
+        self["subtask_type"] = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], app: Celeriac | None = None) -> Signature:
@@ -901,13 +911,15 @@ class chunks(Signature):
 
     def __init__(self, task: Any, it: Any = None, n: int | None = None, app: Celeriac | None = None,
                  **options: Any) -> None:
-        if isinstance(task, dict) and task.get("subtask_type") == "chunks" and it is None:
+        if isinstance(task, dict) and it is None and (
+                task.get("subtask_type") == "chunks" or task.get("task") == "celery.chunks"):
             super().__init__(task, app=app)
             return
         sig = maybe_signature(task, app)
         super().__init__("celery.chunks", (), {"task": sig, "it": [list(x) for x in it or []],
                                                 "n": int(n or 1)}, options, immutable=True,
                          app=app or sig._app)
+        self["subtask_type"] = None  # as Celery sends it
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], app: Celeriac | None = None) -> Signature:
