@@ -97,3 +97,40 @@ def test_timer_cancel_keeps_memory_flat() -> None:
         wait_until(lambda: fired == [2], timeout=2)
     finally:
         timer.stop()
+
+
+def test_eta_and_rate_limited_tasks_reach_the_pool_from_the_consumer_thread(celeriac_app: Any) -> None:
+    """Issue 10, case 9: with ``-P solo`` a held ETA task or a rate-limited one runs in the
+    consumer's thread, never in the timer thread (which would block every other timer)."""
+    import datetime as dt
+    import uuid
+
+    from celeriac.protocol import encode_task
+
+    threads: list[str] = []
+
+    @celeriac_app.task(name="tl.where")
+    def where() -> str:
+        threads.append(threading.current_thread().name)
+        return "ok"
+
+    @celeriac_app.task(name="tl.limited", rate_limit="5/s")
+    def limited() -> str:
+        threads.append(threading.current_thread().name)
+        return "ok"
+
+    worker = start_worker(celeriac_app, pool="solo")
+    try:
+        # As a Celery client sends it: straight to the queue with an eta header, so the worker
+        # holds it until its ETA (no broker-side delay).
+        eta = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=0.5)).isoformat()
+        task_id = str(uuid.uuid4())
+        celeriac_app.broker.publish(encode_task("tl.where", task_id, [], {}, eta=eta), "", "celery")
+        limited_results = [limited.delay() for _ in range(3)]
+        assert celeriac_app.AsyncResult(task_id).get(timeout=10) == "ok"
+        assert [r.get(timeout=10) for r in limited_results] == ["ok"] * 3
+    finally:
+        worker.stop()
+        worker._thread.join(10)  # type: ignore[attr-defined]
+    assert len(threads) == 4
+    assert set(threads) == {f"Worker-{worker.hostname}"}, threads
