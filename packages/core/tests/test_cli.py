@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -350,9 +351,12 @@ def test_control_commands_change_a_running_worker(project: Any) -> None:
     try:
         worker.wait_ready()
 
+        node = f"ctl@{socket.gethostname()}"
+
         def run(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([sys.executable, "-m", "celeriac", "-A", "proj", *args], cwd=cwd, env=env,
-                                  capture_output=True, text=True, timeout=60)
+            # One destination: the reply ends the wait, so a generous timeout costs nothing.
+            return subprocess.run([sys.executable, "-m", "celeriac", "-A", "proj", *args, "-d", node, "-t", "10"],
+                                  cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
 
         added = run("control", "add_consumer", "images")
         assert added.returncode == 0 and "add consumer images" in added.stdout, added.stdout + added.stderr

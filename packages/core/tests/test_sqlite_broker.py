@@ -364,3 +364,27 @@ def test_forked_child_uses_its_own_connection(broker: SQLiteBroker) -> None:
     for delivery in got:
         consumer.ack(delivery)
     consumer.close()
+
+
+def test_a_binding_made_by_another_process_is_seen_at_once(tmp_path: Path) -> None:
+    """A publisher's binding cache must not drop a message for a queue bound since it cached:
+    a remote-control client binds a fresh reply queue and the worker replies right away."""
+    from celeriac.routing import Exchange
+
+    url = f"sqlite:///{tmp_path}/bindings.db"
+    publisher, client = SQLiteBroker(url, {}), SQLiteBroker(url, {})
+    try:
+        exchange = Exchange("reply.celery.pidbox", "direct", durable=False)
+        first = Queue("first.reply", exchange, "first")
+        client.declare(first)
+        publisher.publish(Message({"n": 1}, {}, b"1"), exchange.name, "first")  # caches the bindings
+        second = Queue("second.reply", exchange, "second")
+        client.declare(second)
+        publisher.publish(Message({"n": 2}, {}, b"2"), exchange.name, "second")
+        consumer = client.consumer([second], 10, no_ack=True)
+        deliveries = consumer.fetch(10, 2.0)
+        assert [d.message.body for d in deliveries] == [b"2"]
+        consumer.close()
+    finally:
+        publisher.close()
+        client.close()

@@ -637,16 +637,26 @@ class SQLiteBroker(Broker):
             return [routing_key]
         cached = self._bindings.get(exchange)
         now = time.monotonic()
-        if cached is None or now - cached[0] > 1.0:
-            rows = self._execute(
-                "SELECT exchange, exchange_type, routing_key, queue FROM celeriac_bindings "
-                "WHERE exchange = ?", (exchange,)).fetchall()
-            cached = (now, [Binding(*row) for row in rows])
-            self._bindings[exchange] = cached
+        fresh = cached is None or now - cached[0] > 1.0
+        if fresh:
+            cached = self._read_bindings(exchange, now)
+        assert cached is not None
         targets = route(cached[1], routing_key)
+        if not targets and not fresh:
+            # Another process may have bound a queue since we cached (a remote-control client's
+            # reply queue): a miss re-reads the bindings before the message is dropped.
+            targets = route(self._read_bindings(exchange, now)[1], routing_key)
         if not targets and queue is not None:
             targets = [queue.name]
         return targets
+
+    def _read_bindings(self, exchange: str, now: float) -> tuple[float, list[Binding]]:
+        rows = self._execute(
+            "SELECT exchange, exchange_type, routing_key, queue FROM celeriac_bindings "
+            "WHERE exchange = ?", (exchange,)).fetchall()
+        cached = (now, [Binding(*row) for row in rows])
+        self._bindings[exchange] = cached
+        return cached
 
     # -- publishing -------------------------------------------------------------------------
 
