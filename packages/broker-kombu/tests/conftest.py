@@ -25,7 +25,7 @@ def filesystem_url(tmp_path: Path) -> str:
 def sqla_url() -> str:
     """The PostgreSQL URL (through kombu's SQLAlchemy transport); skips or fails when down."""
     pytest.importorskip("sqlalchemy")
-    pytest.importorskip("psycopg2")
+    pytest.importorskip("psycopg")  # SQLAlchemy 2.1 drives postgresql:// with psycopg 3
     return require_server("PostgreSQL", SQLA_URL, 5432, "CELERIAC_TEST_KOMBU_SQLA_URL")
 
 ZOOKEEPER_URL = os.environ.get("CELERIAC_TEST_KOMBU_ZOOKEEPER_URL", "")
