@@ -1,4 +1,5 @@
-"""Sessions: ``tests`` (everything), ``demo`` (the seed tutorial), ``lint``, ``typecheck``, ``bench``."""
+"""Sessions: ``tests`` (everything; the fault suite in its short form), ``demo`` (the seed
+tutorial), ``lint``, ``typecheck``, ``bench``, ``faults`` (the fault suite in full)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,21 @@ def tests(session: nox.Session) -> None:
     _install_all(session)
     session.install(*TEST_DEPS)
     paths = [str(p / "tests") for p in PACKAGES if (p / "tests").is_dir()]
+    if FAULTS.is_dir():
+        paths.append(str(FAULTS))
     session.run("pytest", *paths, *session.posargs)
+
+
+FAULTS = ROOT / "faults"
+
+
+@nox.session
+def faults(session: nox.Session) -> None:
+    """The fault suite in full (see faults/README.md): longer flows, the soak, every broker;
+    writes the figures RELIABILITY.md carries."""
+    _install_all(session)
+    session.install(*TEST_DEPS)
+    session.run("pytest", str(FAULTS), *session.posargs, env={"CELERIAC_FAULTS": "full"})
 
 
 @nox.session
@@ -58,10 +73,10 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks against Celery on the same brokers (see bench/README.md)."""
+    """Benchmarks against Celery and Dramatiq on the same brokers (see bench/README.md)."""
     _install_all(session)
-    # kombu 5.7 imports packaging for Redis without declaring it: celery[redis] brings it.
-    session.install("celery[redis]==5.6.2", "packaging", "redis>=5", "pika>=1.3")
+    # The peers and the bench's own needs (matplotlib for the plots) are in bench/requirements.txt.
+    session.install("-r", str(ROOT / "bench" / "requirements.txt"))
     session.run("python", str(ROOT / "bench" / "run.py"), *session.posargs)
 
 
