@@ -90,12 +90,18 @@ def _detach(logfile: str | None) -> None:
 @click.option("--pidfile", type=click.Path(dir_okay=False), help="Write the process id here.")
 @click.option("--logfile", "-f", type=click.Path(dir_okay=False), help="Log to this file.")
 @click.option("--detach", is_flag=True, help="Run in the background (daemon).")
+@click.option("--heartbeat-file", type=click.Path(dir_okay=False),
+              help="Touch this file while the consumer is healthy (a liveness probe checks its "
+                   "age; see docs/liveness.md).")
+@click.option("--heartbeat-file-interval", type=float, default=10.0, show_default=True,
+              help="A probe may allow the file this age: it is touched every half of it.")
 @pass_ctx
 def worker(ctx: CLIContext, loglevel: str, concurrency: int | None, pool: str | None,
            queues: str | None, exclude_queues: str | None, hostname: str | None, task_events: bool,
            prefetch_multiplier: int | None, optimization: str | None, time_limit: float | None,
            soft_time_limit: float | None, max_tasks_per_child: int | None, pidfile: str | None,
-           logfile: str | None, detach: bool, autoscale: str | None) -> None:
+           logfile: str | None, detach: bool, autoscale: str | None, heartbeat_file: str | None,
+           heartbeat_file_interval: float) -> None:
     """Start a worker that consumes tasks and runs them."""
     from celeriac.plugins.manager import pool_factory
     from celeriac.worker.autoscale import parse_autoscale
@@ -110,6 +116,10 @@ def worker(ctx: CLIContext, loglevel: str, concurrency: int | None, pool: str | 
         _check_pidfile(pidfile)
     if logfile:
         logfile = os.path.abspath(logfile)
+    if heartbeat_file:
+        heartbeat_file = os.path.abspath(heartbeat_file)
+    if heartbeat_file_interval <= 0:
+        raise click.BadParameter("must be positive", param_hint="--heartbeat-file-interval")
     if pool:
         factory: Any = _early_pool_factory(pool) or pool_factory(pool)
         early_init = getattr(factory, "early_init", None)
@@ -131,6 +141,7 @@ def worker(ctx: CLIContext, loglevel: str, concurrency: int | None, pool: str | 
             prefetch_multiplier=prefetch_multiplier, events=task_events, time_limit=time_limit,
             soft_time_limit=soft_time_limit, max_tasks_per_child=max_tasks_per_child,
             install_signals=True, detached=detach, autoscale=limits,
+            heartbeat_file=heartbeat_file, heartbeat_file_interval=heartbeat_file_interval,
         )
         app.import_includes()
         click.echo(instance.banner(), err=detach)

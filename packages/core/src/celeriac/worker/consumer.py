@@ -116,6 +116,7 @@ class TaskConsumer:
         """Consume until :meth:`stop` is called."""
         backoff = 1.0
         while not self._stopping.is_set():
+            self.loop_at = time.monotonic()  # the loop's last turn, for the liveness file
             if self._queue_changes:
                 self._apply_queue_changes()
             next_due = self._run_due()

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from celeriac import __version__
-from celeriac.broker.base import BROADCAST, REPLY_QUEUES, mask_url
+from celeriac.broker.base import BROADCAST, QUEUE_SIZE, REPLY_QUEUES, mask_url
 from celeriac.events import EventDispatcher
 from celeriac.exceptions import BrokerConnectionError
 from celeriac.plugins.manager import available_pools, plugin_infos, pool_factory
@@ -23,6 +23,7 @@ from celeriac.worker.autoscale import Autoscaler
 from celeriac.worker.consumer import TaskConsumer
 from celeriac.worker.control import Pidbox
 from celeriac.worker.heartbeat import Heart
+from celeriac.worker.liveness import HeartbeatFile
 
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
@@ -99,8 +100,12 @@ class Worker:
                  soft_time_limit: float | None = None, max_tasks_per_child: int | None = None,
                  install_signals: bool = False, ready_callback: Callable[[Worker], None] | None = None,
                  fetch_timeout: float = 1.0, detached: bool = False,
-                 autoscale: tuple[int, int] | None = None) -> None:
+                 autoscale: tuple[int, int] | None = None, heartbeat_file: str | None = None,
+                 heartbeat_file_interval: float = 10.0) -> None:
         self.app = app
+        #: ``--heartbeat-file``: touched while the consumer is healthy (worker/liveness.py).
+        self.heartbeat_file: HeartbeatFile | None = None
+        self._heartbeat_file_args = (heartbeat_file, heartbeat_file_interval)
         self.hostname = expand_hostname(hostname)
         self.pool_name = pool or default_pool_name()
         self.pool_chosen_implicitly = pool is None
@@ -277,6 +282,7 @@ class Worker:
             if broker.has(REPLY_QUEUES):
                 self.pidbox = Pidbox(self)
                 self.pidbox.start()
+        self._start_heartbeat_file()
         logger.info("%s ready.", self.hostname)
         self.ready.set()
         if self.ready_callback is not None:
@@ -288,6 +294,18 @@ class Worker:
         if self._restart:
             self._reexec()
         return self.exit_code
+
+    def _start_heartbeat_file(self) -> None:
+        path, interval = self._heartbeat_file_args
+        consumer = self.task_consumer
+        if path is None or consumer is None:
+            return
+        consumer.loop_at = time.monotonic()
+        broker, queue = self.app.broker, self.queues[0].name if self.queues else None
+        probe = (lambda: broker.queue_size(queue)) if queue and broker.has(QUEUE_SIZE) else broker.connect
+        self.heartbeat_file = HeartbeatFile(path, interval, lambda: consumer.loop_at, probe,
+                                            stall_after=2 * self.fetch_timeout)
+        self.heartbeat_file.start()
 
     def pool_resized(self, concurrency: int) -> None:
         """The pool now has ``concurrency`` slots (autoscale, ``control pool_grow``/``pool_shrink``).
@@ -326,6 +344,8 @@ class Worker:
             self.autoscaler.stop()
         if self.heart is not None:
             self.heart.stop()
+        if self.heartbeat_file is not None:
+            self.heartbeat_file.stop()
         if self._cold:
             logger.warning("worker: Cold shutdown (%s)", "MainProcess")
             consumer.timer.stop()
