@@ -35,13 +35,19 @@ from celeriac.broker.base import (
     Consumer,
     Subscription,
 )
-from celeriac.protocol import Message
+from celeriac.protocol import Message, to_timestamp
 from celeriac.routing import Queue
 
 from celeriac_amqp import delay, fieldtable
-from celeriac_amqp.consumer import AMQPConsumer, AMQPSubscription, task_setup
+from celeriac_amqp.consumer import (
+    AMQPConsumer,
+    AMQPSubscription,
+    task_setup,
+    to_message,
+)
 from celeriac_amqp.link import (
     NOT_FOUND,
+    RESOURCE_LOCKED,
     TRANSIENT_ERRORS,
     FatalConnectionError,
     Link,
@@ -350,10 +356,56 @@ class AMQPBroker(Broker):
         return op
 
     def purge(self, queue: str) -> int:
-        """Delete the ready messages of ``queue``; return how many (0 if it does not exist).
-        Messages still on their way through the delay queues are not affected."""
-        return self._call(f"purge {queue!r}", self._passive(
+        """Delete the ready messages of ``queue`` and those waiting for it in the delay levels;
+        return how many (0 if it does not exist)."""
+        ready = self._call(f"purge {queue!r}", self._passive(
             queue, lambda link: int(link.channel.queue_purge(queue).method.message_count)))
+        return ready + len(self._browse([queue], remove=True))
+
+    def scheduled(self, queues: Sequence[str], limit: int = 1000) -> list[tuple[float, Message]]:
+        """Messages for ``queues`` waiting in the delay levels, soonest ETA first, as
+        ``(unix time due, message)`` pairs (at most ``limit``). Browsing takes every delayed
+        message for a moment and returns it to its place (see :func:`celeriac_amqp.delay.browse`);
+        one process browses at a time. Raises ``BrokerConnectionError``."""
+        out: list[tuple[float, Message]] = []
+        for properties, body in self._browse(queues):
+            message, _target = to_message(properties, body)
+            when = to_timestamp((message.headers or {}).get("eta"))
+            if when is not None:
+                out.append((when, message))
+        out.sort(key=lambda pair: pair[0])
+        return out[:limit]
+
+    def _browse(self, queues: Sequence[str], *, remove: bool = False,
+                lock_timeout: float = 10.0) -> list[tuple[pika.BasicProperties, bytes]]:
+        """Run :func:`delay.browse` on a channel of its own while holding the browse lock."""
+        if not queues:
+            return []
+
+        def op(link: Link) -> list[tuple[pika.BasicProperties, bytes]]:
+            deadline = time.monotonic() + lock_timeout
+            while True:
+                channel = link.connection.channel()
+                try:
+                    channel.queue_declare(delay.BROWSE_LOCK, exclusive=True, auto_delete=True)
+                    break
+                except pex.ChannelClosedByBroker as exc:
+                    if exc.reply_code != RESOURCE_LOCKED or time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.05)
+            try:
+                return delay.browse(channel, queues, remove=remove)
+            finally:
+                try:
+                    channel.queue_delete(delay.BROWSE_LOCK)
+                except (pex.AMQPError, OSError):  # the channel died: free the lock on a fresh one
+                    with contextlib.suppress(Exception):
+                        link.connection.channel().queue_delete(delay.BROWSE_LOCK)
+                with contextlib.suppress(Exception):
+                    channel.close()
+
+        what = "purge delayed messages" if remove else "list delayed messages"
+        return self._call(f"{what} of {', '.join(queues)!r}", op)
 
     def queue_size(self, queue: str) -> int | None:
         """Number of ready messages in ``queue`` (0 if it does not exist)."""

@@ -14,21 +14,33 @@ all have the same TTL (so they expire in arrival order); 32 queues serve every d
 ~49.7 days and every destination. The consumer strips the routing headers again. Publishing
 drops the ``expiration`` property, which would otherwise cut the wait short (the task's own
 ``expires`` header still applies).
+
+Browsing (``inspect scheduled``, ``purge``): :func:`browse` takes every message of every level
+without acknowledging it, keeps (or acknowledges, to delete) those for the wanted queues, and
+returns the rest when its channel closes. RabbitMQ puts a requeued message back at its original
+position in a classic queue and keeps its original expiry time, so a level's order and each
+message's wait are unchanged (a message due during the browse, milliseconds, moves on right
+after it). Two browses at once would each see part of a level, so callers serialise them with
+:data:`BROWSE_LOCK`, a queue only one connection may declare at a time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
+import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
 __all__ = [
+    "BROWSE_LOCK",
     "DELIVER_EXCHANGE",
     "LEVELS",
     "MAX_DELAY_MS",
     "ROUTING_HEADERS",
     "TARGET_HEADER",
     "bind_target",
+    "browse",
     "declare_topology",
     "entry_exchange",
     "level_name",
@@ -40,6 +52,8 @@ MAX_DELAY_MS = 2**LEVELS - 1
 PREFIX = "celeriac.delay"
 DELIVER_EXCHANGE = f"{PREFIX}.deliver"
 TARGET_HEADER = "x-celeriac-delay-to"
+#: An exclusive, auto-deleted queue: whoever declared it may browse the levels.
+BROWSE_LOCK = f"{PREFIX}.browse-lock"
 #: Headers RabbitMQ or the delay path add, removed before a delivery reaches the worker.
 ROUTING_HEADERS = (
     TARGET_HEADER,
@@ -92,3 +106,34 @@ def bind_target(channel: BlockingChannel, queue: str) -> None:
     """Bind ``queue`` to the exit exchange so delayed messages for it arrive there."""
     channel.queue_bind(queue, DELIVER_EXCHANGE, routing_key="",
                        arguments={"x-match": "all", TARGET_HEADER: queue})
+
+
+def browse(channel: BlockingChannel, targets: Collection[str], *,
+           remove: bool = False) -> list[tuple[pika.BasicProperties, bytes]]:
+    """The messages waiting in the delay levels for a queue in ``targets``, as
+    ``(properties, body)`` pairs (routing headers still in place), most delayed level first.
+
+    ``remove=True`` deletes them (acknowledges them) as well. Every other message is returned to its level when the caller closes
+    ``channel``, which must be a channel of its own, without publisher confirms; the caller
+    holds :data:`BROWSE_LOCK`. A level that was never declared counts as empty. Raises pika's
+    errors.
+    """
+    wanted = set(targets)
+    found: list[tuple[pika.BasicProperties, bytes]] = []
+    for level in reversed(range(LEVELS)):
+        name = level_name(level)
+        try:
+            waiting = channel.queue_declare(name, passive=True).method.message_count
+        except pika.exceptions.ChannelClosedByBroker:
+            return found  # the topology was never declared: nothing waits
+        for _ in range(int(waiting)):
+            method, properties, body = channel.basic_get(name, auto_ack=False)
+            if method is None:
+                break
+            target = (properties.headers or {}).get(TARGET_HEADER)
+            if target not in wanted:
+                continue
+            if remove:
+                channel.basic_ack(method.delivery_tag)
+            found.append((properties, body or b""))
+    return found

@@ -53,6 +53,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 
 PRECONDITION_FAILED = 406
 NOT_FOUND = 404
+RESOURCE_LOCKED = 405
 
 
 class FatalConnectionError(BrokerConnectionError):
