@@ -8,6 +8,12 @@ one action and prints one JSON object on stdout:
 ``roundtrip N`` N sequential ``add.delay(2, 2).get()`` after 20 untimed warm-up calls:
                ``{"p50": ms, "p90": ms, "p99": ms, "mean": ms}``
 ``chord N``    ``chord(add.s(i, i) for i in range(N))(xsum.s()).get()``: ``{"seconds": s}``
+``group N``    ``group(add.s(i, i) for i in range(N))().get()``: ``{"seconds": s}``
+``payload N SIZE`` publish N ``sink(data)`` with a ``SIZE``-byte string: ``{"seconds": s, "rate": tasks/s}``
+
+Dramatiq's client publishes with ``actor.send()`` and waits with ``message.get_result(block=True)``
+(its ``Results`` middleware); it has no chord (a group's completion callback does not receive the
+header's results), so ``chord`` and ``group`` are Celery and Celeriac only.
 """
 
 from __future__ import annotations
@@ -25,6 +31,11 @@ def purge(system: str) -> int:
     """Declare the default queue and purge it with the system's own client."""
     import benchapp
 
+    if system == "dramatiq":
+        broker = benchapp.broker
+        broker.declare_queue(benchapp.QUEUE)
+        broker.flush(benchapp.QUEUE)
+        return 0
     app = benchapp.app
     name = app.conf.task_default_queue
     if system == "celery":
@@ -37,15 +48,29 @@ def purge(system: str) -> int:
     return int(broker.purge(name) or 0)
 
 
-def enqueue(n: int) -> dict[str, float]:
+def enqueue(system: str, n: int) -> dict[str, float]:
     """Publish ``n`` no-op tasks; the first one (connection setup) is not timed."""
     import benchapp
 
-    noop = benchapp.noop
-    noop.delay()
+    send = benchapp.noop.send if system == "dramatiq" else benchapp.noop.delay
+    send()
     start = time.perf_counter()
     for _ in range(n - 1):
-        noop.delay()
+        send()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "rate": (n - 1) / seconds}
+
+
+def payload(system: str, n: int, size: int) -> dict[str, float]:
+    """Publish ``n`` ``sink(data)`` tasks carrying ``size`` bytes each (the first one is not timed)."""
+    import benchapp
+
+    send = benchapp.sink.send if system == "dramatiq" else benchapp.sink.delay
+    data = "x" * size
+    send(data)
+    start = time.perf_counter()
+    for _ in range(n - 1):
+        send(data)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "rate": (n - 1) / seconds}
 
@@ -56,18 +81,26 @@ def percentile(values: list[float], q: float) -> float:
     return values[index]
 
 
-def roundtrip(n: int) -> dict[str, float]:
+def roundtrip(system: str, n: int) -> dict[str, float]:
     """Sequential ``add.delay(2, 2).get()`` latencies in ms."""
     import benchapp
 
     add = benchapp.add
+    if system == "dramatiq":
+        timeout_ms = int(TIMEOUT * 1000)
+
+        def call() -> Any:
+            return add.send(2, 2).get_result(block=True, timeout=timeout_ms)
+    else:
+        def call() -> Any:
+            return add.delay(2, 2).get(timeout=TIMEOUT)
     for _ in range(20):
-        assert add.delay(2, 2).get(timeout=TIMEOUT) == 4
+        assert call() == 4
     samples = []
     clock = time.perf_counter
     for _ in range(n):
         start = clock()
-        value = add.delay(2, 2).get(timeout=TIMEOUT)
+        value = call()
         samples.append((clock() - start) * 1000.0)
         if value != 4:
             raise AssertionError(f"add(2, 2) returned {value!r}")
@@ -89,6 +122,19 @@ def chord(n: int) -> dict[str, float]:
     return {"seconds": seconds}
 
 
+def group(n: int) -> dict[str, float]:
+    """Time from building a group of ``n`` ``add`` to all its results."""
+    import benchapp
+
+    start = time.perf_counter()
+    result = benchapp.group(benchapp.add.s(i, i) for i in range(n))()
+    values = result.get(timeout=TIMEOUT)
+    seconds = time.perf_counter() - start
+    if list(values) != [2 * i for i in range(n)]:
+        raise AssertionError(f"group returned {str(values)[:200]}")
+    return {"seconds": seconds}
+
+
 def main(argv: list[str]) -> int:
     """Run one action and print its JSON result."""
     system, action = argv[0], argv[1]
@@ -97,11 +143,15 @@ def main(argv: list[str]) -> int:
     if action == "purge":
         out = {"purged": purge(system)}
     elif action == "enqueue":
-        out = enqueue(n)
+        out = enqueue(system, n)
+    elif action == "payload":
+        out = payload(system, n, int(argv[3]))
     elif action == "roundtrip":
-        out = roundtrip(n)
+        out = roundtrip(system, n)
     elif action == "chord":
         out = chord(n)
+    elif action == "group":
+        out = group(n)
     else:
         raise SystemExit(f"unknown action {action!r}")
     print(json.dumps(out), flush=True)

@@ -1,5 +1,5 @@
-"""Figures: one :class:`Record` per measured value, medians per row, the Celeriac/Celery ratio,
-the printed table and the JSON file."""
+"""Figures: one :class:`Record` per measured value, medians and ranges per row, the same-run ratios
+Celeriac/Celery and Celeriac/Dramatiq, the printed table and the JSON file."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Record", "Row", "format_table", "summarize", "write_json"]
+__all__ = ["PEERS", "Record", "Row", "format_table", "summarize", "write_json"]
 
 
 @dataclasses.dataclass
@@ -29,6 +29,9 @@ class Record:
     error: str | None = None
 
 
+PEERS = ("celery", "dramatiq")
+
+
 @dataclasses.dataclass
 class Row:
     """The medians of one (broker, pool, workload, metric) across repetitions, per system."""
@@ -42,18 +45,45 @@ class Row:
     medians: dict[str, float | None]
     values: dict[str, list[float]]
     failures: dict[str, int]
+    #: per system, the values in the order measured, keyed by repetition (for same-run ratios)
+    by_rep: dict[str, dict[int, list[float]]] = dataclasses.field(default_factory=dict)
 
-    @property
-    def ratio(self) -> float | None:
-        """Celeriac's median divided by Celery's (None when either is missing)."""
-        ours, theirs = self.medians.get("celeriac"), self.medians.get("celery")
+    def ratio_of(self, peer: str) -> float | None:
+        """Celeriac's median divided by ``peer``'s (None when either is missing)."""
+        ours, theirs = self.medians.get("celeriac"), self.medians.get(peer)
         if ours is None or theirs is None or theirs == 0:
             return None
         return ours / theirs
 
+    def paired_ratios(self, peer: str) -> list[float]:
+        """Celeriac/peer for each pair measured in the same repetition (the i-th value of each)."""
+        ours, theirs = self.by_rep.get("celeriac", {}), self.by_rep.get(peer, {})
+        out = []
+        for rep in sorted(set(ours) & set(theirs)):
+            for a, b in zip(ours[rep], theirs[rep]):
+                if b:
+                    out.append(a / b)
+        return out
+
+    def ratio_stats(self, peer: str) -> dict[str, Any] | None:
+        """``{"median", "min", "max", "n"}`` of the same-repetition ratios Celeriac/peer.
+
+        The median of the paired ratios, so a noisy repetition moves both systems together.
+        """
+        pairs = self.paired_ratios(peer)
+        if not pairs:
+            return None
+        return {"median": statistics.median(pairs), "min": min(pairs), "max": max(pairs), "n": len(pairs)}
+
+    @property
+    def ratio(self) -> float | None:
+        """Celeriac/Celery, the median of the same-repetition ratios."""
+        stats = self.ratio_stats("celery")
+        return None if stats is None else float(stats["median"])
+
     @property
     def advantage(self) -> float | None:
-        """How many times better Celeriac is (>1 better, whatever the metric's direction)."""
+        """How many times better Celeriac is than Celery (>1 better, whatever the metric's direction)."""
         ratio = self.ratio
         if ratio is None or ratio == 0:
             return None
@@ -75,34 +105,58 @@ def summarize(records: Iterable[Record]) -> list[Row]:
             row.failures[rec.system] += 1
         else:
             row.values[rec.system].append(rec.value)
+            row.by_rep.setdefault(rec.system, {}).setdefault(rec.rep, []).append(rec.value)
     for row in rows.values():
         for system, values in row.values.items():
             row.medians[system] = statistics.median(values) if values else None
     return list(rows.values())
 
 
-def _fmt(value: float | None, failures: int = 0) -> str:
-    if value is None:
-        return "FAILED" if failures else "-"
-    text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+def _num(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def _fmt(values: list[float] | None, failures: int = 0, missing: str = "-") -> str:
+    """Median, with the range when there is more than one value."""
+    if not values:
+        return "FAILED" if failures else missing
+    text = _num(statistics.median(values))
+    if len(values) > 1:
+        text += f" ({_num(min(values))}-{_num(max(values))})"
     return text + (f" ({failures} failed)" if failures else "")
 
 
+def _fmt_ratio(stats: dict[str, Any] | None) -> str:
+    if stats is None:
+        return "-"
+    text = f"{stats['median']:.2f}"
+    if stats["n"] > 1:
+        text += f" ({stats['min']:.2f}-{stats['max']:.2f})"
+    return text
+
+
+#: What a system has no equivalent for: (system, workload) -> the cell's text.
+NOT_EQUIVALENT = {("dramatiq", "chord"): "n/a"}
+
+
 def format_table(rows: list[Row]) -> str:
-    """A plain-text (markdown) table: one line per row, raw ceilings at the end."""
-    head = ["broker", "pool", "workload", "metric", "unit", "Celery", "Celeriac", "Celeriac/Celery", "advantage"]
+    """A markdown table: medians (ranges), same-run ratios Celeriac/peer; raw ceilings at the end."""
+    systems = [s for s in ("celery", "celeriac", "dramatiq") if any(s in r.values for r in rows)] or ["celeriac"]
+    peers = [p for p in PEERS if p in systems]
+    head = (["broker", "pool", "workload", "metric", "unit"] + [s.capitalize() for s in systems]
+            + [f"Celeriac/{p.capitalize()}" for p in peers])
     lines = [head]
     raw = []
     for row in rows:
         if row.workload == "raw":
             raw.append(row)
             continue
-        ratio, adv = row.ratio, row.advantage
-        lines.append([row.broker, row.pool, row.workload, row.metric, row.unit,
-                      _fmt(row.medians.get("celery"), row.failures.get("celery", 0)),
-                      _fmt(row.medians.get("celeriac"), row.failures.get("celeriac", 0)),
-                      "-" if ratio is None else f"{ratio:.2f}",
-                      "-" if adv is None else f"{adv:.2f}x {'better' if adv >= 1 else 'worse'}"])
+        cells = [row.broker, row.pool, row.workload, row.metric, row.unit]
+        for system in systems:
+            missing = NOT_EQUIVALENT.get((system, row.workload), "-") if row.broker != "sqlite" else "-"
+            cells.append(_fmt(row.values.get(system), row.failures.get(system, 0), missing))
+        cells += [_fmt_ratio(row.ratio_stats(p)) for p in peers]
+        lines.append(cells)
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
 
     def render(cells: list[str]) -> str:
@@ -114,18 +168,23 @@ def format_table(rows: list[Row]) -> str:
         out.append("")
         out.append("Raw-broker ceiling (bare client library, messages/s, medians):")
         for row in raw:
-            out.append(f"  {row.broker:<6} {row.metric:<12} {_fmt(row.medians.get('raw'), row.failures.get('raw', 0))}")
+            out.append(f"  {row.broker:<6} {row.metric:<12} {_fmt(row.values.get('raw'), row.failures.get('raw', 0))}")
     return "\n".join(out)
 
 
-def write_json(path: Path, meta: dict[str, Any], records: list[Record], rows: list[Row]) -> None:
+def write_json(path: Path, meta: dict[str, Any], records: list[Record], rows: list[Row],
+               series: dict[str, Any] | None = None) -> None:
     """Write every record and the summary rows (with medians and ratios) to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     summary = []
     for row in rows:
         item = dataclasses.asdict(row)
+        item.pop("by_rep")
+        item["ranges"] = {k: [min(v), max(v)] for k, v in row.values.items() if v}
         item["ratio"] = row.ratio
         item["advantage"] = row.advantage
+        item["ratios"] = {p: row.ratio_stats(p) for p in PEERS if p in row.values}
         summary.append(item)
-    data = {"meta": meta, "summary": summary, "records": [dataclasses.asdict(r) for r in records]}
+    data = {"meta": meta, "summary": summary, "records": [dataclasses.asdict(r) for r in records],
+            "series": series or {}}
     path.write_text(json.dumps(data, indent=2) + "\n")

@@ -1,8 +1,10 @@
 """A worker started as a real subprocess through its system's command line.
 
-``celery -A benchapp worker -l LEVEL -P POOL -c N -n NAME`` or the same with ``celeriac``; the
-output goes to a log file that is tailed for the ``ready.`` line. The worker runs in its own
-session so that stopping it also stops its pool processes.
+``celery -A benchapp worker -l LEVEL -P POOL -c N -n NAME`` or the same with ``celeriac``;
+``dramatiq benchapp --processes P --threads T`` for Dramatiq (the bench's ``threads`` pool is one
+process of 8 threads, its ``prefork`` pool 2 processes of 1 thread). The output goes to a log file
+that is tailed for the ready line (``ready.``; Dramatiq: the first ``is ready for action``). The
+worker runs in its own session so that stopping it also stops its pool processes.
 """
 
 from __future__ import annotations
@@ -14,9 +16,25 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["WorkerProcess", "cli_path", "tree_rss_kb"]
+__all__ = ["DRAMATIQ_POOLS", "WorkerProcess", "cli_path", "tree_rss_kb", "worker_command"]
 
 POOL_CONCURRENCY = {"threads": 8, "prefork": 2}
+#: Dramatiq's equivalent of each pool: (--processes, --threads).
+DRAMATIQ_POOLS = {"threads": (1, 8), "prefork": (2, 1)}
+#: The log text that says a worker is ready, per system.
+READY_TEXT = {"celery": b" ready.", "celeriac": b" ready.", "dramatiq": b"is ready for action"}
+
+
+def worker_command(system: str, pool: str, loglevel: str = "info", hostname: str = "bench@%h") -> list[str]:
+    """The command line that starts ``system``'s worker on the ``benchapp`` module."""
+    if system == "dramatiq":
+        processes, threads = DRAMATIQ_POOLS[pool]
+        cmd = [cli_path("dramatiq"), "benchapp", "--processes", str(processes), "--threads", str(threads)]
+        if loglevel.lower() == "debug":
+            cmd.append("-v")
+        return cmd
+    return [cli_path(system), "-A", "benchapp", "worker", "-l", loglevel, "-P", pool,
+            "-c", str(POOL_CONCURRENCY.get(pool, 2)), "-n", hostname]
 
 
 def cli_path(system: str) -> str:
@@ -68,8 +86,8 @@ class WorkerProcess:
     def __init__(self, system: str, app_dir: Path, env: dict[str, str], pool: str, log_path: Path,
                  loglevel: str = "info", hostname: str = "bench@%h") -> None:
         self.system = system
-        self.cmd = [cli_path(system), "-A", "benchapp", "worker", "-l", loglevel, "-P", pool,
-                    "-c", str(POOL_CONCURRENCY.get(pool, 2)), "-n", hostname]
+        self.cmd = worker_command(system, pool, loglevel, hostname)
+        self.ready_text = READY_TEXT[system]
         self.app_dir = app_dir
         self.env = env
         self.log_path = log_path
@@ -102,7 +120,7 @@ class WorkerProcess:
         if chunk:
             self._log_pos += len(chunk)
             text = self._tail + chunk
-            if b" ready." in text:
+            if self.ready_text in text:
                 self.ready_at = time.time()
                 return True
             self._tail = text[-64:]

@@ -1,11 +1,14 @@
-"""Benchmarks of Celeriac against Celery 5.6.2 on the same broker servers, in one run.
+"""Benchmarks of Celeriac against Celery 5.6.2 and Dramatiq on the same broker servers, in one run.
 
     python bench/run.py [--brokers redis,amqp,sqlite] [--pools threads,prefork] [--tasks 20000]
                         [--reps 3] [--only drain,enqueue,roundtrip,chord,start,raw] [--quick]
+                        [--systems celery,celeriac,dramatiq] [--series backlog,chord,payload,memory]
 
-Every workload runs for both systems (alternating which goes first per repetition) with workers
-started through their own command line, then the medians and the Celeriac/Celery ratio of every
-figure are printed and written to ``bench/results/latest.json``. See ``bench/README.md``.
+Every workload runs for every system (the order rotating per repetition) with workers started
+through their own command line, then the medians, ranges and same-run ratios Celeriac/Celery and
+Celeriac/Dramatiq of every figure are printed and written to ``bench/results/latest.json``; the
+scaling series (Celeriac only) go into the same JSON and are plotted to PNG files beside it.
+See ``bench/README.md``.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ sys.path.insert(0, str(HERE))
 
 from bench_apps import SIGNAL_LINE, SYSTEMS, write_apps  # noqa: E402
 from bench_report import Record, format_table, summarize, write_json  # noqa: E402
-from bench_worker import POOL_CONCURRENCY, WorkerProcess  # noqa: E402
+from bench_worker import DRAMATIQ_POOLS, POOL_CONCURRENCY, WorkerProcess  # noqa: E402
 
 WORKLOADS = ("drain", "enqueue", "roundtrip", "chord", "start", "raw")
+SERIES = ("backlog", "chord", "payload", "memory")
 BROKERS = ("redis", "amqp", "sqlite")
 POOLS = ("threads", "prefork")
 DEFAULT_REDIS = "redis://127.0.0.1:6379/13"
@@ -77,10 +81,16 @@ class Bench:
         self.base_env = {k: v for k, v in os.environ.items()
                          if k not in ("CELERIAC_BROKER_URL", "CELERIAC_RESULT_BACKEND")}
         self.base_env["CELERIAC_BENCH_RUN"] = self.run_id
-        has_celery = importlib.util.find_spec("celery") is not None
-        self.pools = {"celery": set(POOLS) if has_celery else set(), "celeriac": celeriac_pools()}
+        has = {name: importlib.util.find_spec(name) is not None for name in ("celery", "dramatiq")}
+        self.pools = {"celery": set(POOLS) if has["celery"] else set(), "celeriac": celeriac_pools(),
+                      "dramatiq": set(POOLS) if has["dramatiq"] else set()}
+        for system in SYSTEMS:
+            if system not in args.systems:
+                self.pools[system] = set()
         self.step = 0
         self.skipped: list[str] = []
+        self.notes: list[str] = []
+        self.series: dict[str, Any] = {}
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -89,9 +99,14 @@ class Bench:
         """Keep one figure."""
         self.records.append(Record(broker, pool, system, workload, metric, unit, better, rep, value, error))
 
-    def urls(self, broker: str, purpose: str) -> tuple[str, str]:
-        """(broker URL, result backend URL) for a phase: ``drain``, ``idle`` or ``chord``."""
+    def urls(self, broker: str, purpose: str, system: str = "celeriac") -> tuple[str, str]:
+        """(broker URL, result backend URL) for a phase: ``drain``, ``idle`` or ``chord``.
+
+        Dramatiq has no RPC backend: its round trip on RabbitMQ uses the Redis result backend.
+        """
         args = self.args
+        if broker == "amqp" and system == "dramatiq":
+            return args.amqp_url, "" if purpose == "drain" else args.redis_url
         if broker == "redis":
             return args.redis_url, "" if purpose == "drain" else args.redis_url
         if broker == "amqp":
@@ -103,7 +118,7 @@ class Bench:
 
     def env(self, system: str, broker: str, purpose: str, queue: str, signal: Path | None = None) -> dict[str, str]:
         """The environment of a worker or client process."""
-        broker_url, backend_url = self.urls(broker, purpose)
+        broker_url, backend_url = self.urls(broker, purpose, system)
         env = dict(self.base_env)
         env.update(BENCH_BROKER=broker_url, BENCH_BACKEND=backend_url, BENCH_QUEUE=queue,
                    BENCH_SIGNAL=str(signal or self.tmp / "unused.signal"),
@@ -117,9 +132,9 @@ class Bench:
         self.queues[broker].append(name)
         return name
 
-    def client(self, system: str, env: dict[str, str], action: str, n: int = 0) -> dict[str, Any]:
+    def client(self, system: str, env: dict[str, str], action: str, n: int = 0, *extra: str) -> dict[str, Any]:
         """Run ``bench_client.py`` for one action; return its JSON. Raises ``RuntimeError``."""
-        cmd = [sys.executable, str(HERE / "bench_client.py"), system, action, str(n)]
+        cmd = [sys.executable, str(HERE / "bench_client.py"), system, action, str(n), *extra]
         try:
             proc = subprocess.run(cmd, cwd=self.app_dirs[system], env=env, capture_output=True,
                                   text=True, timeout=self.args.timeout)
@@ -169,21 +184,9 @@ class Bench:
         if "drain" not in only:
             return
         worker = self.start_worker(system, env, pool, f"{queue}")
-        deadline = time.monotonic() + self.args.timeout
         error = None
         try:
-            while True:
-                worker.poll_ready()
-                size = signal.stat().st_size if signal.exists() else 0
-                if size >= n * SIGNAL_LINE:
-                    break
-                if not worker.alive():
-                    error = f"worker exited with {worker.returncode()}: {worker.log_tail()}"
-                    break
-                if time.monotonic() > deadline:
-                    error = f"{size // SIGNAL_LINE} of {n} tasks after {self.args.timeout:.0f} s"
-                    break
-                time.sleep(0.005)
+            error = wait_signal(worker, signal, n, self.args.timeout)
         finally:
             if error is None:
                 worker.stop()
@@ -209,6 +212,37 @@ class Bench:
             text += f", {from_ready:,.0f} from ready"
         self.progress(label, text + (f" ({len(stamps)} executions)" if len(stamps) != n else ""))
 
+    def drain_once(self, broker: str, pool: str, queue: str, n: int, action: str = "enqueue",
+                   extra: tuple[str, ...] = ()) -> dict[str, float]:
+        """Celeriac: publish ``n`` tasks with ``action``, drain them with a new worker; the figures.
+
+        Returns ``enqueue_rate`` (tasks/s), ``from_start``, ``from_ready`` and ``first_to_last``
+        (tasks/s). Raises ``RuntimeError`` when a step fails.
+        """
+        signal = self.tmp / f"{queue}.signal"
+        env = self.env("celeriac", broker, "drain", queue, signal)
+        self.client("celeriac", env, "purge")
+        out = self.client("celeriac", env, action, n, *extra)
+        worker = self.start_worker("celeriac", env, pool, queue)
+        error = None
+        try:
+            error = wait_signal(worker, signal, n, self.args.timeout)
+        finally:
+            if error is None:
+                worker.stop()
+            else:
+                worker.kill()
+        if error is not None:
+            raise RuntimeError(error)
+        stamps = [float(line) for line in signal.read_bytes().split()]
+        first, last = min(stamps), max(stamps)
+        signal.unlink()
+        figures = {"enqueue_rate": out["rate"], "from_start": n / (last - worker.started),
+                   "first_to_last": (n - 1) / (last - first) if last > first else float("nan")}
+        if worker.ready_at is not None and last > worker.ready_at:
+            figures["from_ready"] = n / (last - worker.ready_at)
+        return figures
+
     def _idle_worker(self, broker: str, system: str, pool: str, rep: int, purpose: str) -> tuple[
             WorkerProcess, dict[str, str]]:
         queue = self.queue_name(broker, system, pool, purpose, rep)
@@ -226,8 +260,16 @@ class Bench:
         """``start`` (spawn to ready, idle RSS), ``roundtrip`` and ``chord`` against an idle worker."""
         label = f"{broker:<6} {pool:<7} {system:<8} rep {rep + 1}"
         wanted: list[str] = [w for w in ("start", "roundtrip", "chord") if w in only]
+        if system == "dramatiq" and "chord" in wanted:
+            wanted.remove("chord")
+            note = ("Dramatiq has no chord: a group's completion callback (GroupCallbacks) does not "
+                    "receive the header's results, so the chord row has no Dramatiq figure")
+            if note not in self.notes:
+                self.notes.append(note)
         chord_apart = broker == "amqp"  # Celery's rpc:// refuses chords: the chord uses Redis results
         first = [w for w in wanted if not (chord_apart and w == "chord")]
+        if system == "dramatiq":
+            chord_apart = False
         if first:
             self._idle_run(broker, system, pool, rep, "idle", first, label)
         if chord_apart and "chord" in wanted:
@@ -311,8 +353,10 @@ class Bench:
                 self.skipped.append(f"{broker}: server unreachable")
                 continue
             systems = ("celeriac",) if broker == "sqlite" else SYSTEMS
-            for rep in range(args.reps):
-                order = systems if rep % 2 == 0 else tuple(reversed(systems))
+            systems = tuple(s for s in systems if s in args.systems)
+            for rep in range(args.reps if only else 0):
+                shift = rep % len(systems)
+                order = systems[shift:] + systems[:shift]
                 for pool in args.pools:
                     for system in order:
                         if pool not in self.pools[system]:
@@ -328,6 +372,11 @@ class Bench:
                             self.phase_idle(broker, system, pool, rep, only)
                 if "raw" in only and broker != "sqlite":
                     self.phase_raw(broker, rep)
+        if args.series:
+            from bench_series import run_series
+
+            brokers = [b for b in args.brokers if not any(b in skip for skip in self.skipped if "unreachable" in skip)]
+            self.series = run_series(self, brokers, args.series)
 
     def cleanup(self) -> None:
         """Delete this run's queues and keys (and only those), and the temporary directory."""
@@ -372,7 +421,10 @@ class Bench:
             return
         conn = pika.BlockingConnection(pika_parameters(self.args.amqp_url))
         try:
-            for name in self.queues["amqp"]:
+            names = list(self.queues["amqp"])
+            # Dramatiq's delay and dead-letter queues beside each of its queues.
+            names += [f"{q}.{kind}" for q in self.queues["amqp"] if "-dramatiq-" in q for kind in ("DQ", "XQ")]
+            for name in names:
                 channel = conn.channel()
                 try:
                     channel.queue_delete(name)
@@ -387,7 +439,7 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, distributions, version
 
     out = {}
-    for dist in ("celery", "kombu", "redis", "pika"):
+    for dist in ("celery", "kombu", "dramatiq", "redis", "pika", "matplotlib"):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:
@@ -397,6 +449,18 @@ def _versions() -> dict[str, str]:
         if name.startswith("celeriac"):
             out[name] = found.version
     return out
+
+
+def _commit() -> str:
+    """``git rev-parse HEAD`` of the working tree the bench runs from (plus ``-dirty`` if modified)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "packages"],
+                               cwd=HERE.parent, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+uncommitted changes in packages/" if dirty else "")
 
 
 def _cpu_model() -> str:
@@ -411,6 +475,15 @@ def _cpu_model() -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The command line (see the module docstring)."""
+    def sizes(text: str) -> list[int]:
+        try:
+            values = [int(float(x)) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"sizes must be >= 1: {text!r}")
+        return values
+
     def names(allowed: tuple[str, ...]) -> Any:
         def parse(text: str) -> list[str]:
             items = [x.strip() for x in text.split(",") if x.strip()]
@@ -426,9 +499,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="comma-separated: redis, amqp, sqlite (Celeriac's embedded broker, Celeriac only)")
     p.add_argument("--pools", type=names(POOLS), default=list(POOLS),
                    help=f"comma-separated: threads (x{POOL_CONCURRENCY['threads']}), "
-                        f"prefork (x{POOL_CONCURRENCY['prefork']}; only where installed)")
-    p.add_argument("--only", type=names(WORKLOADS), default=list(WORKLOADS),
-                   help="comma-separated workloads: " + ", ".join(WORKLOADS))
+                        f"prefork (x{POOL_CONCURRENCY['prefork']}; only where installed); Dramatiq: "
+                        f"--processes {DRAMATIQ_POOLS['threads'][0]} --threads {DRAMATIQ_POOLS['threads'][1]} and "
+                        f"--processes {DRAMATIQ_POOLS['prefork'][0]} --threads {DRAMATIQ_POOLS['prefork'][1]}")
+    p.add_argument("--only", type=names(WORKLOADS + ("none",)), default=list(WORKLOADS),
+                   help="comma-separated workloads: " + ", ".join(WORKLOADS) + " (none: only the series)")
+    p.add_argument("--systems", type=names(SYSTEMS), default=list(SYSTEMS),
+                   help="comma-separated: celery, celeriac, dramatiq (a peer not installed is skipped)")
+    p.add_argument("--series", type=names(SERIES + ("none", "all")), default=None,
+                   help="scaling series of Celeriac, comma-separated: " + ", ".join(SERIES)
+                        + ", all or none (default all; none with --quick)")
+    p.add_argument("--backlog-sizes", type=sizes, help="backlog series (default 1000,10000,100000)")
+    p.add_argument("--chord-sizes", type=sizes, help="chord series header sizes (default 10,100,1000,10000)")
+    p.add_argument("--group-size", type=int, help="the group with results of the chord series (default 10000)")
+    p.add_argument("--payload-sizes", type=sizes, help="payload series, bytes (default 100,10240,1048576)")
+    p.add_argument("--payload-mb", type=float,
+                   help="bytes per payload size in MB: tasks = this / size, between 20 and --tasks (default 100)")
+    p.add_argument("--memory-tasks", type=int, help="tasks of the memory series (default 100000)")
+    p.add_argument("--series-pool", choices=POOLS, default="threads", help="the worker pool of the series")
     p.add_argument("--tasks", type=int, help="tasks for drain/enqueue/raw (default 20000)")
     p.add_argument("--roundtrips", type=int, help="sequential round trips (default 2000)")
     p.add_argument("--chord-size", type=int, help="header size of the chord (default 1000)")
@@ -446,13 +534,41 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {"tasks": 300 if quick else 20000, "roundtrips": 100 if quick else 2000,
-                "chord_size": 50 if quick else 1000, "reps": 1 if quick else 3, "timeout": 60.0 if quick else 300.0}
+                "chord_size": 50 if quick else 1000, "reps": 1 if quick else 3, "timeout": 60.0 if quick else 300.0,
+                "backlog_sizes": [100, 1000] if quick else [1000, 10000, 100000],
+                "chord_sizes": [10, 100] if quick else [10, 100, 1000, 10000],
+                "group_size": 100 if quick else 10000,
+                "payload_sizes": [100, 10240, 1048576], "payload_mb": 2.0 if quick else 100.0,
+                "memory_tasks": 1000 if quick else 100000}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.tasks < 2 or args.roundtrips < 1 or args.chord_size < 1 or args.reps < 1:
         p.error("--tasks must be >= 2 and --roundtrips, --chord-size, --reps >= 1")
+    if "none" in args.only:
+        args.only = []
+    if args.series is None:
+        args.series = [] if quick else list(SERIES)
+    elif "all" in args.series:
+        args.series = list(SERIES)
+    elif "none" in args.series:
+        args.series = []
     return args
+
+
+def wait_signal(worker: WorkerProcess, signal: Path, n: int, timeout: float) -> str | None:
+    """Wait until the signal file holds ``n`` lines; None, or the error (worker died, timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        worker.poll_ready()
+        size = signal.stat().st_size if signal.exists() else 0
+        if size >= n * SIGNAL_LINE:
+            return None
+        if not worker.alive():
+            return f"worker exited with {worker.returncode()}: {worker.log_tail()}"
+        if time.monotonic() > deadline:
+            return f"{size // SIGNAL_LINE} of {n} tasks after {timeout:.0f} s"
+        time.sleep(0.005)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -461,12 +577,15 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args)
     started = dt.datetime.now(dt.timezone.utc)
     log(f"run {bench.run_id}: brokers {','.join(args.brokers)}, pools {','.join(args.pools)}, "
-        f"workloads {','.join(args.only)}, {args.tasks} tasks, {args.reps} rep(s); Celeriac pools installed: "
-        f"{', '.join(sorted(bench.pools['celeriac']))}")
+        f"workloads {','.join(args.only) or 'none'}, series {','.join(args.series) or 'none'}, {args.tasks} tasks, "
+        f"{args.reps} rep(s); commit {_commit()}; Celeriac pools installed: "
+        f"{', '.join(sorted(bench.pools['celeriac']))}; peers: "
+        + (", ".join(s for s in ("celery", "dramatiq") if bench.pools[s]) or "none"))
     if bench.pools["celery"] and importlib.util.find_spec("packaging") is None and "redis" in args.brokers:
         log("warning: kombu's Redis transport imports 'packaging', which is not installed: Celery on Redis "
             "will fail. pip install packaging (or install celery[redis]).")
     load_before = os.getloadavg()
+    commit_at_start = _commit()
     try:
         bench.run()
     except KeyboardInterrupt:
@@ -483,12 +602,35 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "run_id": bench.run_id, "skipped": bench.skipped,
     }
-    write_json(args.output, meta, bench.records, rows)
-    print(f"\nCeleriac vs Celery, {meta['date']}, {meta['nproc']} cores ({meta['cpu']}), medians of "
-          f"{args.reps} rep(s), {args.tasks} tasks; 'advantage' = how many times better Celeriac is.\n")
-    print(format_table(rows))
+    meta["notes"] = bench.notes
+    meta["commit"] = _commit()
+    if meta["commit"] != commit_at_start:
+        meta["commit_at_start"] = commit_at_start
+        bench.notes.append(f"the commit changed during the run: {commit_at_start} at the start, "
+                           f"{meta['commit']} at the end")
+    write_json(args.output, meta, bench.records, rows, bench.series)
+    if rows:
+        print(f"\nCeleriac vs Celery and Dramatiq, {meta['date']}, commit {meta['commit']}, {meta['nproc']} cores "
+              f"({meta['cpu']}), medians of {args.reps} rep(s) (range), {args.tasks} tasks; Celeriac/peer = median of "
+              "the same-repetition ratios (range); for times lower is better for Celeriac, for rates higher.\n")
+        print(format_table(rows))
+    for note in bench.notes:
+        print(f"note: {note}")
+    if bench.series:
+        from bench_series import format_series, plot_series
+
+        print()
+        print(format_series(bench.series))
+        for png in plot_series(bench.series, args.output):
+            print(f"plot: {png}")
     print(f"\nJSON: {args.output}")
     failed = [r for r in bench.records if r.value is None]
+    failed_series = [(name, point) for name, data in bench.series.items() for point in data["points"]
+                     if point.get("error")]
+    for name, point in failed_series:
+        print(f"FAILED series {name} {point.get('broker')} {point.get('x')}: {point['error'][:500]}", file=sys.stderr)
+    if failed_series and not failed:
+        return 1
     for rec in failed:
         print(f"FAILED {rec.broker} {rec.pool} {rec.system} {rec.workload} rep {rec.rep + 1}: "
               f"{(rec.error or '')[:500]}", file=sys.stderr)
