@@ -35,7 +35,7 @@ from celeriac.exceptions import (
     ImproperlyConfigured,
     TimeoutError,
 )
-from celeriac_redis.connection import TRANSIENT_ERRORS, describe_error, make_client
+from celeriac_redis.connection import TRANSIENT_ERRORS, describe_error, is_fatal, make_client
 
 __all__ = ["RedisBackend"]
 
@@ -135,7 +135,7 @@ class RedisBackend(ResultBackend):
         self.group_prefix = prefix + GROUP_PREFIX
         self.ordered = bool(options.get("result_chord_ordered", True))
         self.retry_timeout = float(options.get("retry_timeout", 20.0))
-        ssl_opts = conf.get("redis_backend_use_ssl")
+        ssl_opts = conf.get("redis_backend_use_ssl")  # TLS options, see celeriac_redis.connection
         for name in ("socket_timeout", "socket_connect_timeout", "max_connections"):
             value = conf.get(f"redis_{name}")
             if value is not None:
@@ -173,6 +173,8 @@ class RedisBackend(ResultBackend):
             try:
                 return fn()
             except TRANSIENT_ERRORS as exc:
+                if is_fatal(exc):
+                    raise self._fatal(exc) from None
                 if time.monotonic() + delay > deadline:
                     raise BrokerConnectionError(describe_error(exc, self.url)) from None
                 if not logged:
@@ -180,6 +182,12 @@ class RedisBackend(ResultBackend):
                     logged = True
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    def _fatal(self, exc: BaseException) -> BrokerConnectionError:
+        """The error for a refused certificate or login: retrying cannot help, so no retry."""
+        error = BrokerConnectionError(describe_error(exc, self.url))
+        error.transient = False
+        return error
 
     @property
     def _ttl(self) -> int:
@@ -407,6 +415,8 @@ class RedisBackend(ResultBackend):
                     self._handle(item, wanted, done)
                 except TRANSIENT_ERRORS as exc:
                     self._drop_pubsub()
+                    if is_fatal(exc):
+                        raise self._fatal(exc) from None
                     need_read = True
                     if down_since is None:
                         down_since = time.monotonic()

@@ -3,10 +3,17 @@
 Supported URLs (the same forms Celery accepts):
 
 ``redis://[[user]:password@]host[:port][/db]``   plain TCP
-``rediss://...``                                  TLS (``?ssl_cert_reqs=required|optional|none``)
+``rediss://...``                                  TLS (``?ssl_cert_reqs=required|optional|none``
+                                                  ``&ssl_ca_certs=/path/ca.pem``: see below)
 ``redis+socket:///path/to/redis.sock[?virtual_host=db]``  unix socket (``db=`` also accepted)
 ``sentinel://[:password@]host:port[/db][;sentinel://host:port...]``  Sentinel; the master name
                                                   comes from the ``master_name`` transport option
+
+TLS verifies the server's certificate and host name by default (``ssl_cert_reqs=required``),
+against the system's CAs unless ``ssl_ca_certs`` names a CA file. The TLS options come from the
+URL query or from ``broker_use_ssl`` / ``redis_backend_use_ssl`` (Celery's names: ``ssl_cert_reqs``,
+``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_check_hostname``, ...); a non-empty
+``*_use_ssl`` turns TLS on for a ``redis://`` URL too, as in Celery.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from redis.retry import Retry
 
 from celeriac.broker.base import mask_url
 
-__all__ = ["TRANSIENT_ERRORS", "RedisURL", "describe_error", "make_client", "parse_url"]
+__all__ = ["TRANSIENT_ERRORS", "RedisURL", "describe_error", "is_fatal", "make_client", "parse_url"]
 
 #: Errors after which a retry may succeed (the server restarts, a failover happens ...).
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -49,6 +56,7 @@ class RedisURL:
     """A parsed broker/backend URL."""
 
     scheme: str
+    url: str = ""
     host: str = "localhost"
     port: int = 6379
     db: int = 0
@@ -83,7 +91,7 @@ def parse_url(url: str) -> RedisURL:
         path = parts.path
         if not path:
             raise ValueError(f"{mask_url(url)}: a redis+socket URL needs a socket path.")
-        return RedisURL(scheme, socket_path=path, db=_db_from("", query), username=username,
+        return RedisURL(scheme, url, socket_path=path, db=_db_from("", query), username=username,
                         password=password, query=query)
     if scheme == "sentinel":
         sentinels = []
@@ -95,27 +103,52 @@ def parse_url(url: str) -> RedisURL:
             sub = urlsplit(item)
             password = password or (unquote(sub.password) if sub.password else None)
             sentinels.append((sub.hostname or "localhost", sub.port or 26379))
-        return RedisURL(scheme, db=db, username=username, password=password,
+        return RedisURL(scheme, url, db=db, username=username, password=password,
                         sentinels=sentinels, query=query)
     if scheme not in ("redis", "rediss"):
         raise ValueError(f"{mask_url(url)}: unsupported scheme {scheme!r} for the Redis plugin.")
-    return RedisURL(scheme, host=parts.hostname or "localhost", port=parts.port or 6379,
+    return RedisURL(scheme, url, host=parts.hostname or "localhost", port=parts.port or 6379,
                     db=_db_from(parts.path, query), username=username, password=password,
                     ssl=scheme == "rediss", query=query)
 
 
+#: TLS settings read from ``broker_use_ssl`` / ``redis_backend_use_ssl`` and from the URL query,
+#: under Celery's names; the names without ``ssl_`` (the AMQP spelling) are accepted too.
+_SSL_KEYS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname",
+             "ssl_ca_path", "ssl_ca_data", "ssl_password", "ssl_ciphers", "ssl_min_version")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
 def _ssl_kwargs(parsed: RedisURL, ssl_options: Mapping[str, Any] | None) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"ssl": True}
-    opts = dict(ssl_options or {})
-    reqs = opts.pop("ssl_cert_reqs", None) or parsed.query.get("ssl_cert_reqs")
+    """redis-py's ``SSLConnection`` arguments. Certificates are verified (against the system CAs
+    unless ``ssl_ca_certs`` is given) and so is the host name, unless ``ssl_cert_reqs`` says
+    otherwise. Raises ``ValueError`` for an unknown key or value."""
+    given: dict[str, Any] = {}
+    for key, value in (ssl_options or {}).items():
+        name = key if key.startswith("ssl_") else f"ssl_{key}"
+        if name not in _SSL_KEYS:
+            raise ValueError(
+                f"{mask_url(parsed.url)}: unknown TLS option {key!r}; known: {', '.join(_SSL_KEYS)}.")
+        given[name] = value
+    for name in _SSL_KEYS:  # the URL query wins, as in Celery
+        if name in parsed.query and name != "ssl_password":
+            given[name] = parsed.query[name]
+    kwargs: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    reqs = kwargs.get("ssl_cert_reqs", ssl.CERT_REQUIRED)
     if isinstance(reqs, str):
-        reqs = _CERT_REQS.get(reqs.lower(), ssl.CERT_REQUIRED)
-    if reqs is not None:
-        kwargs["ssl_cert_reqs"] = reqs
-    for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"):
-        value = opts.pop(key, None) or parsed.query.get(key)
-        if value is not None:
-            kwargs[key] = value
+        if reqs.lower() not in _CERT_REQS:
+            raise ValueError(f"{mask_url(parsed.url)}: ssl_cert_reqs must be required, optional or none, "
+                             f"got {reqs!r}.")
+        reqs = _CERT_REQS[reqs.lower()]
+    kwargs["ssl_cert_reqs"] = reqs
+    check = kwargs.get("ssl_check_hostname", reqs != ssl.CERT_NONE)
+    if isinstance(check, str):
+        if check.lower() not in _TRUE | _FALSE:
+            raise ValueError(f"{mask_url(parsed.url)}: ssl_check_hostname must be true or false, "
+                             f"got {check!r}.")
+        check = check.lower() in _TRUE
+    kwargs["ssl_check_hostname"] = bool(check) and reqs != ssl.CERT_NONE
     return kwargs
 
 
@@ -151,6 +184,8 @@ def make_client(url: str, options: Mapping[str, Any] | None = None,
                 "broker_transport_options={'master_name': 'mymaster'} (and the same in "
                 "result_backend_transport_options for results)."
             )
+        if ssl_options:
+            common.update(ssl=True, **_ssl_kwargs(parsed, ssl_options))
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             parsed.sentinels, sentinel_kwargs=opts.get("sentinel_kwargs") or {},
             socket_timeout=common["socket_timeout"])
@@ -163,9 +198,9 @@ def make_client(url: str, options: Mapping[str, Any] | None = None,
             opts.get("max_connections"), connection_class=redis.UnixDomainSocketConnection,
             path=parsed.socket_path, **common)
         return redis.Redis(connection_pool=pool)
-    extra = _ssl_kwargs(parsed, ssl_options) if parsed.ssl else {}
-    conn_class = redis.SSLConnection if parsed.ssl else redis.Connection
-    extra.pop("ssl", None)
+    use_tls = parsed.ssl or bool(ssl_options)  # as in Celery, *_use_ssl turns TLS on for redis://
+    extra = _ssl_kwargs(parsed, ssl_options) if use_tls else {}
+    conn_class = redis.SSLConnection if use_tls else redis.Connection
     pool = _make_pool(opts.get("max_connections"), connection_class=conn_class, host=parsed.host,
                       port=parsed.port, **common, **extra)
     return redis.Redis(connection_pool=pool)
@@ -182,20 +217,46 @@ def _make_pool(max_connections: Any, **kwargs: Any) -> redis.ConnectionPool:
     return redis.ConnectionPool(max_connections=max_connections, **kwargs)
 
 
+def _tls_failure(exc: BaseException) -> str | None:
+    """The verification failure inside ``exc`` (redis-py wraps ``ssl`` errors in its own), or None."""
+    text = str(exc)
+    for marker in ("certificate verify failed", "Hostname mismatch", "doesn't match", "not valid for"):
+        if marker in text:
+            found = text.split("] ", 1)[-1] if "] " in text else text
+            return found.split(" (_ssl.c", 1)[0].rstrip(". ")
+    return None
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """True for errors retrying cannot fix: the server's certificate was refused, or the login."""
+    return _tls_failure(exc) is not None or isinstance(exc, redis.AuthenticationError)
+
+
 def describe_error(exc: BaseException, url: str) -> str:
-    """One line saying why ``url`` cannot be used, with the password masked."""
+    """One line saying why ``url`` cannot be used and what to do, with the password masked."""
     where = mask_url(url)
-    if isinstance(exc, redis.AuthenticationError) or ("AUTH" in str(exc).upper() and
-            "password" in str(exc).lower()):
-        reason = f"authentication failed ({exc}); check the password in the URL"
-    elif isinstance(exc, redis.exceptions.ResponseError) and "NOAUTH" in str(exc):
+    text = str(exc)
+    tls = urlsplit(url.split(";", 1)[0]).scheme.lower() == "rediss"
+    failure = _tls_failure(exc)
+    if failure is not None:
+        reason = (f"the server's TLS certificate was refused ({failure}). Give the CA that signed it "
+                  "as ssl_ca_certs (in the URL query, or in broker_use_ssl / redis_backend_use_ssl) and "
+                  "use a host name the certificate lists; ssl_cert_reqs=none turns verification off")
+    elif isinstance(exc, redis.AuthenticationError) or ("AUTH" in text.upper() and
+            "password" in text.lower()):
+        reason = f"authentication failed ({exc}); check the user name and password in the URL"
+    elif isinstance(exc, redis.exceptions.ResponseError) and "NOAUTH" in text:
         reason = "the server requires a password; put it in the URL"
-    elif isinstance(exc, (redis.exceptions.InvalidResponse,)) or "Protocol error" in str(exc):
+    elif isinstance(exc, (redis.exceptions.InvalidResponse,)) or "Protocol error" in text:
         reason = f"the server does not speak the Redis protocol ({exc}); wrong port?"
-    elif isinstance(exc, ssl.SSLError) or "SSL" in str(exc):
-        reason = f"TLS failed ({exc})"
+    elif isinstance(exc, ssl.SSLError) or "SSL" in text:
+        reason = f"TLS failed ({exc}); is that port serving TLS?"
     elif isinstance(exc, redis.exceptions.BusyLoadingError):
         reason = "the server is loading its dataset"
+    elif tls and isinstance(exc, redis.TimeoutError):
+        reason = f"{exc} (is that port serving TLS? rediss:// needs a TLS port)"
+    elif not tls and "reset by peer" in text:
+        reason = f"{exc} (if the server only serves TLS there, use rediss://)"
     else:
-        reason = str(exc) or type(exc).__name__
+        reason = text or type(exc).__name__
     return f"Cannot use Redis at {where}: {reason}"

@@ -1,0 +1,373 @@
+"""TLS to Redis against a private ``redis-server --tls-port`` with certificates made by the test.
+
+The server listens on TLS only (``--port 0``), with a certificate for ``localhost`` signed by a CA
+the test creates. Workers are real ``celeriac worker`` processes; the broker and the result
+backend both go over TLS, with the CA given the ways Celery accepts it (URL query or the
+``broker_use_ssl`` / ``redis_backend_use_ssl`` settings). Verification is on by default: a CA the
+client was not given, another CA and a host name the certificate does not list are refused with
+one line naming the URL (password masked) and saying what to do.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis_support import wait_for
+
+from celeriac import Celeriac
+from celeriac.exceptions import BrokerConnectionError
+from celeriac_redis.backend import RedisBackend
+from celeriac_redis.connection import describe_error, is_fatal, make_client
+
+x509 = pytest.importorskip("cryptography.x509", reason="the TLS tests make certificates with cryptography")
+
+VENV_BIN = Path(sys.executable).parent
+PASSWORD = "tls-s3cret-pw"
+
+
+# -- certificates ------------------------------------------------------------------------------
+
+def _new_key() -> Any:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _save(path: Path, key: Any, cert: Any) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    path.with_suffix(".key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption()))
+    path.with_suffix(".key").chmod(0o600)
+    path.with_suffix(".pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _cert(subject: str, issuer: Any, issuer_key: Any, key: Any, *, ca: bool,
+          names: tuple[str, ...] = ()) -> Any:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+               .issuer_name(issuer or x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(
+            digital_signature=True, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+            encipher_only=False, decipher_only=False), critical=True)
+        builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                                        critical=False)
+    else:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName(n) for n in names]), critical=False)
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def make_certificates(root: Path) -> dict[str, str]:
+    """``ca.pem`` (the CA), ``other.pem`` (an unrelated CA) and ``server.pem``/``server.key``
+    (for ``localhost`` only, signed by ``ca``)."""
+    ca_key, other_key, server_key = _new_key(), _new_key(), _new_key()
+    ca = _cert("Celeriac Test CA", None, ca_key, ca_key, ca=True)
+    other = _cert("Some Other CA", None, other_key, other_key, ca=True)
+    server = _cert("localhost", ca.subject, ca_key, server_key, ca=False, names=("localhost",))
+    _save(root / "ca", ca_key, ca)
+    _save(root / "other", other_key, other)
+    _save(root / "server", server_key, server)
+    return {name: str(root / f"{name}.pem") for name in ("ca", "other", "server")}
+
+
+# -- the private TLS server --------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class TLSRedis:
+    """A private redis-server serving TLS only, on its own port."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.certs = make_certificates(root)
+        self.port = _free_port()
+        self.log = root / "redis-tls.log"
+        argv = ["redis-server", "--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1", "-::1",
+                "--tls-cert-file", self.certs["server"], "--tls-key-file", str(root / "server.key"),
+                "--tls-ca-cert-file", self.certs["ca"], "--tls-auth-clients", "no",
+                "--save", "", "--appendonly", "no", "--dir", str(root), "--logfile", str(self.log)]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        url = self.url()
+        try:
+            wait_for(lambda: self._ping(url) or self.proc.poll() is not None, 15, "the TLS Redis")
+        except AssertionError:
+            self.stop()
+            raise
+        if self.proc.poll() is not None:
+            log = self.log.read_text(errors="replace") if self.log.exists() else ""
+            raise RuntimeError(f"redis-server --tls-port did not start: {log[-1500:]}")
+
+    def url(self, host: str = "localhost", password: str = "", query: str | None = None) -> str:
+        auth = f":{password}@" if password else ""
+        q = f"ssl_cert_reqs=required&ssl_ca_certs={self.certs['ca']}" if query is None else query
+        return f"rediss://{auth}{host}:{self.port}/0" + (f"?{q}" if q else "")
+
+    @staticmethod
+    def _ping(url: str) -> bool:
+        try:
+            return bool(make_client(url, {"socket_connect_timeout": 1}).ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def _redis_has_tls() -> str | None:
+    if shutil.which("redis-server") is None:
+        return "redis-server is not installed"
+    out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
+    if "build=" not in out:
+        return "cannot tell the redis-server version"
+    return None
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSRedis]:
+    reason = _redis_has_tls()
+    if reason is None:
+        try:
+            server = TLSRedis(tmp_path_factory.mktemp("redis-tls"))
+        except RuntimeError as exc:  # a build without TLS says so in its log
+            reason = f"this redis-server cannot serve TLS: {exc}"
+    if reason is not None:
+        if os.environ.get("CELERIAC_REQUIRE_BROKERS") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    yield server
+    server.stop()
+
+
+# -- worker processes --------------------------------------------------------------------------
+
+APP = '''
+from celeriac import Celeriac
+
+app = Celeriac("tls", broker={broker!r}, backend={backend!r})
+app.conf.update(task_default_queue={queue!r}, {settings})
+
+
+@app.task(name="tls.add")
+def add(x, y):
+    return x + y
+'''
+
+
+class Worker:
+    """A ``celeriac worker`` process on a generated app module."""
+
+    def __init__(self, root: Path, broker: str, backend: str, **settings: Any) -> None:
+        self.root = root
+        self.name = f"tlsapp_{uuid.uuid4().hex[:8]}"
+        self.queue = f"tls{uuid.uuid4().hex[:8]}"
+        text = ", ".join(f"{k}={v!r}" for k, v in settings.items())
+        (root / f"{self.name}.py").write_text(APP.format(broker=broker, backend=backend,
+                                                         queue=self.queue, settings=text))
+        self.log = root / f"{self.name}.log"
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+        env.pop("CELERIAC_BROKER_URL", None)
+        env.pop("CELERIAC_RESULT_BACKEND", None)
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [str(VENV_BIN / "celeriac"), "-A", self.name, "worker", "-l", "info", "-P", "threads",
+                 "-c", "2", "-n", f"{self.name}@%h"], cwd=root, env=env, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        wait_for(lambda: " ready." in self.text() or self.proc.poll() is not None, 30, "the worker")
+        assert self.proc.poll() is None, self.text()[-3000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    yield started
+    for worker in started:
+        worker.stop()
+
+
+def _client(broker: str, backend: str, queue: str, **settings: Any) -> Celeriac:
+    app = Celeriac("tls-client", broker=broker, backend=backend, set_as_current=False,
+                   task_default_queue=queue, **settings)
+    return app
+
+
+# -- tests -------------------------------------------------------------------------------------
+
+def test_the_server_speaks_tls_only(tls_redis: TLSRedis) -> None:
+    """No plain port is open, and TLS with the right CA gets an answer."""
+    assert make_client(tls_redis.url()).ping()
+    plain = f"redis://localhost:{tls_redis.port}/0"
+    with pytest.raises((redis.ConnectionError, OSError)):
+        make_client(plain, {"socket_connect_timeout": 2, "socket_timeout": 2}).ping()
+
+
+def test_rediss_broker_and_backend_with_the_ca_in_the_url(tls_redis: TLSRedis, tmp_path: Path,
+                                                          workers: list[Worker]) -> None:
+    url = tls_redis.url()
+    worker = Worker(tmp_path, url, url)
+    workers.append(worker)
+    worker.wait_ready()
+    app = _client(url, url, worker.queue)
+    try:
+        assert app.send_task("tls.add", (2, 2)).get(timeout=20) == 4
+        results = [app.send_task("tls.add", (i, i)) for i in range(20)]
+        assert [r.get(timeout=20) for r in results] == [2 * i for i in range(20)]
+    finally:
+        app.close()
+    assert "rediss://localhost" in worker.text()  # the banner names the TLS URL
+
+
+def test_rediss_with_celerys_settings_broker_use_ssl_and_redis_backend_use_ssl(
+        tls_redis: TLSRedis, tmp_path: Path, workers: list[Worker]) -> None:
+    url = tls_redis.url(query="")
+    options = {"ssl_cert_reqs": "required", "ssl_ca_certs": tls_redis.certs["ca"]}
+    worker = Worker(tmp_path, url, url, broker_use_ssl=options, redis_backend_use_ssl=options)
+    workers.append(worker)
+    worker.wait_ready()
+    app = _client(url, url, worker.queue, broker_use_ssl=options, redis_backend_use_ssl=options)
+    try:
+        assert app.send_task("tls.add", (20, 22)).get(timeout=20) == 42
+    finally:
+        app.close()
+
+
+def test_a_celery_client_sends_over_tls_to_a_celeriac_worker(tls_redis: TLSRedis, tmp_path: Path,
+                                                             workers: list[Worker]) -> None:
+    """The same URL and settings work in Celery (its result backend insists on ssl_cert_reqs)."""
+    celery = pytest.importorskip("celery")
+    url = tls_redis.url()
+    worker = Worker(tmp_path, url, url)
+    workers.append(worker)
+    worker.wait_ready()
+    options = {"ssl_cert_reqs": "required", "ssl_ca_certs": tls_redis.certs["ca"]}
+    app = celery.Celery("tls-celery", broker=url, backend=url, set_as_current=False)
+    app.conf.update(task_default_queue=worker.queue, broker_use_ssl=options, redis_backend_use_ssl=options)
+    try:
+        result = app.send_task("tls.add", (3, 4))
+        assert result.get(timeout=20) == 7
+        del result
+        gc.collect()  # Celery's AsyncResult talks to the backend when collected: do it while it is up
+    finally:
+        app.close()
+
+
+@pytest.mark.parametrize("case", ["no CA given", "another CA", "wrong host name"])
+def test_an_unverifiable_certificate_is_refused_by_the_client(tls_redis: TLSRedis, case: str) -> None:
+    url = {
+        "no CA given": tls_redis.url(password=PASSWORD, query=""),
+        "another CA": tls_redis.url(password=PASSWORD, query=f"ssl_ca_certs={tls_redis.certs['other']}"),
+        "wrong host name": tls_redis.url(host="127.0.0.1", password=PASSWORD),
+    }[case]
+    client = make_client(url, {"socket_connect_timeout": 3})
+    with pytest.raises(redis.ConnectionError) as info:
+        client.ping()
+    assert is_fatal(info.value)
+    line = describe_error(info.value, url)
+    assert line.startswith(f"Cannot use Redis at rediss://:**@{url.split('@', 1)[1].split('/', 1)[0]}/0")
+    assert "TLS certificate was refused" in line and "ssl_ca_certs" in line
+    if case == "wrong host name":
+        assert "127.0.0.1" in line
+    assert PASSWORD not in line and "\n" not in line
+
+
+def test_ssl_cert_reqs_none_turns_verification_off(tls_redis: TLSRedis) -> None:
+    assert make_client(tls_redis.url(host="127.0.0.1", query="ssl_cert_reqs=none")).ping()
+    assert make_client(tls_redis.url(query=""), ssl_options={"ssl_cert_reqs": "none"}).ping()
+
+
+def test_bad_tls_options_are_a_clear_error(tls_redis: TLSRedis) -> None:
+    with pytest.raises(ValueError, match="ssl_cert_reqs must be required, optional or none"):
+        make_client(tls_redis.url(query="ssl_cert_reqs=maybe"))
+    with pytest.raises(ValueError, match="unknown TLS option 'ssl_ca_cert'"):
+        make_client(tls_redis.url(query=""), ssl_options={"ssl_ca_cert": "/x"})
+
+
+def test_a_worker_refuses_a_certificate_from_another_ca_with_one_clear_line(
+        tls_redis: TLSRedis, tmp_path: Path, workers: list[Worker]) -> None:
+    url = tls_redis.url(password=PASSWORD, query=f"ssl_cert_reqs=required&ssl_ca_certs={tls_redis.certs['other']}")
+    worker = Worker(tmp_path, url, url)
+    workers.append(worker)
+    wait_for(lambda: "TLS certificate was refused" in worker.text() or worker.proc.poll() is not None,
+             30, "the worker to report the refused certificate")
+    time.sleep(3)  # let it retry or exit
+    text = worker.text()
+    assert "Traceback" not in text, text
+    assert PASSWORD not in text
+    refused = [line for line in text.splitlines() if "TLS certificate was refused" in line]
+    assert refused and all(f"rediss://:**@localhost:{tls_redis.port}/0" in line for line in refused), text
+    assert " ready." not in text
+    if worker.proc.poll() is not None:  # the plugin treats it as fatal: the worker gives up
+        assert worker.proc.returncode != 0
+    else:  # the plugin retries it as transient: one line per attempt, with a growing delay
+        assert len(refused) <= 3, text
+
+
+def test_the_backend_fails_at_once_on_a_refused_certificate(tls_redis: TLSRedis) -> None:
+    """A refused certificate is not retried for retry_timeout: the error says why, once."""
+    url = tls_redis.url(password=PASSWORD, query="")
+    backend = RedisBackend(url, {"redis_backend_use_ssl": {"ssl_ca_certs": tls_redis.certs["other"]}})
+    started = time.monotonic()
+    try:
+        with pytest.raises(BrokerConnectionError, match="TLS certificate was refused") as info:
+            backend.get("some-task-id")
+    finally:
+        backend.close()
+    assert time.monotonic() - started < 5
+    assert info.value.transient is False
+    assert PASSWORD not in str(info.value)
+    good = RedisBackend(tls_redis.url(query=""), {"redis_backend_use_ssl": {"ssl_ca_certs": tls_redis.certs["ca"]}})
+    try:
+        assert good.get("some-task-id") is None
+    finally:
+        good.close()
