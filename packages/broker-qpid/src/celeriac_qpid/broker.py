@@ -82,6 +82,8 @@ class QpidBroker(Broker):
         self._reactor: Reactor | None = None
         self._lock = threading.Lock()
         self._declared: dict[str, Queue] = {}
+        #: (exchange, routing key, queue) -> targets, while the declared queues do not change
+        self._routes: dict[tuple[str, str, int], tuple[Queue | None, list[Target]]] = {}
         self._consumers: set[QpidConsumer] = set()
         self._closed = False
         self._pid = os.getpid()
@@ -178,6 +180,21 @@ class QpidBroker(Broker):
     def _remember(self, queue: Queue) -> None:
         if self._declared.get(queue.name) != queue:
             self._declared[queue.name] = queue
+            self._routes = {}
+
+    def _route(self, exchange: str, routing_key: str, queue: Queue | None) -> list[Target]:
+        """:meth:`_targets`, cached (per queue object: a ``Queue`` is not hashable) until a
+        queue is declared."""
+        key = (exchange, routing_key, id(queue))
+        entry = self._routes.get(key)
+        if entry is not None and entry[0] is queue:
+            return entry[1]
+        targets = self._targets(exchange, routing_key, queue)
+        routes = self._routes
+        if len(routes) >= 1000:  # routing keys of reply queues come and go
+            routes = self._routes = {}
+        routes[key] = (queue, targets)
+        return targets
 
     # -- SPI ----------------------------------------------------------------------------------
 
@@ -198,6 +215,7 @@ class QpidBroker(Broker):
                 self._declared.pop(queue.name, None)
             else:
                 self._declared[queue.name] = previous
+            self._routes = {}
             raise
 
     def publish(self, message: Message, exchange: str, routing_key: str, *,
@@ -207,7 +225,7 @@ class QpidBroker(Broker):
         capability: the worker holds the message). Thread-safe. Raises
         ``BrokerConnectionError`` when the broker refuses the address or stays unreachable for
         ``publish_retry_timeout`` seconds."""
-        targets = self._targets(exchange, routing_key, queue)
+        targets = self._route(exchange, routing_key, queue)
         if not targets:
             return
         reactor = self.reactor

@@ -24,14 +24,15 @@ from celeriac.protocol import Message
 from proton import Message as AMQPMessage
 from proton import symbol
 
-__all__ = ["JSON_PROPERTY", "decode", "encode", "message_id"]
+from celeriac_qpid import wire
+
+__all__ = ["JSON_PROPERTY", "decode", "encode", "message_id", "parse"]
 
 JSON_PROPERTY = "x-celeriac-json"
 #: Headers also sent as application properties of their own, for other clients, selectors
 #: and management tools (the JSON property is what Celeriac reads).
 VISIBLE = ("task", "id")
 _LONG = 1 << 63
-_MAPPED = {"correlation_id", "reply_to", "message_id"}
 
 
 def _simple(value: Any) -> bool:
@@ -40,51 +41,50 @@ def _simple(value: Any) -> bool:
     return isinstance(value, int) and -_LONG <= value < _LONG
 
 
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode(message: Message, subject: str | None = None, ttl: float | None = None) -> bytes:
     """The AMQP 1.0 encoding of ``message`` (bare message with header and properties);
     ``ttl`` (seconds) is the time to live of a message that has no ``expiration`` of its own.
 
     Raises ``TypeError``/``ValueError`` for headers JSON cannot encode.
     """
-    props = message.properties or {}
-    out = AMQPMessage()
-    out.inferred = True
-    body = message.body
-    out.body = body if isinstance(body, bytes) else bytes(body)
-    if message.content_type:
-        out.content_type = message.content_type
-    if message.content_encoding:
-        out.content_encoding = message.content_encoding
     headers = message.headers or {}
+    durable = False
+    priority = ttl_ms = creation_ms = None
+    message_id = reply_to = correlation_id = None
     rest: dict[str, Any] = {}
-    for key, value in props.items():
+    for key, value in (message.properties or {}).items():
         if value is None:
             continue
         if key == "correlation_id":
-            out.correlation_id = str(value)
+            correlation_id = str(value)
         elif key == "reply_to":
-            out.reply_to = str(value)
+            reply_to = str(value)
+        elif key == "delivery_mode" and value == 2:
+            durable = True
         elif key == "message_id":
-            out.id = str(value)
-        elif key == "delivery_mode" and int(value) == 2:
-            out.durable = True
+            message_id = str(value)
         else:
             rest[key] = value
             if key == "priority":
-                out.priority = max(0, min(255, int(value)))
+                priority = max(0, min(255, int(value)))
             elif key == "expiration":
-                out.ttl = max(0.0, float(value) / 1000.0)
+                ttl_ms = max(0, int(float(value)))
             elif key == "timestamp":
-                out.creation_time = float(value)
-    if subject is not None:
-        out.subject = subject
+                creation_ms = int(float(value) * 1000)
     if ttl is not None and "expiration" not in rest:
-        out.ttl = ttl
-    app: dict[str, Any] = {key: headers[key] for key in VISIBLE if _simple(headers.get(key, ()))}
+        ttl_ms = int(ttl * 1000)
+    app: dict[str, Any] = {}
+    for key in VISIBLE:
+        value = headers.get(key)
+        if value is not None and _simple(value):
+            app[key] = value
     try:
-        # every header in one JSON property: one string for proton to encode and decode
-        # instead of one per header, which is most of the per-message cost
-        app[JSON_PROPERTY] = json.dumps({"h": headers, "p": rest}, separators=(",", ":"))
+        # every header in one JSON property: one string to encode and decode instead of one
+        # AMQP value per header
+        app[JSON_PROPERTY] = _JSON.encode({"h": headers, "p": rest})
     except (TypeError, ValueError):  # a header JSON cannot carry: one property per header
         extra: dict[str, Any] = {}
         for key, value in headers.items():
@@ -92,9 +92,27 @@ def encode(message: Message, subject: str | None = None, ttl: float | None = Non
                 app[str(key)] = value
             else:
                 extra[str(key)] = value
-        app[JSON_PROPERTY] = json.dumps({"h": extra, "p": rest}, separators=(",", ":"))
-    out.properties = app  # type: ignore[assignment]
-    return out.encode()  # type: ignore[no-any-return]
+        app[JSON_PROPERTY] = _JSON.encode({"h": extra, "p": rest})
+    body = message.body
+    return wire.encode_message(
+        durable, priority, ttl_ms, message_id, subject, reply_to, correlation_id,
+        message.content_type or None, message.content_encoding or None, creation_ms, app,
+        body if isinstance(body, bytes) else bytes(body))
+
+
+def parse(data: bytes) -> Any:
+    """Read the bytes of one received message into an object with ``proton.Message``'s
+    attributes (:class:`celeriac_qpid.wire.Parsed`, or a ``proton.Message`` for what the fast
+    parser does not read). Raises ``DecodeError`` when neither can read it."""
+    try:
+        return wire.parse_message(data)
+    except wire.WireError:
+        raw = AMQPMessage()
+        try:
+            raw.decode(data)
+        except Exception as exc:  # noqa: BLE001 - proton raises MessageException, DataException ...
+            raise DecodeError(f"not an AMQP 1.0 message: {exc}") from None
+        return raw
 
 
 def _text(value: Any) -> str:

@@ -30,7 +30,18 @@ from typing import TYPE_CHECKING, Any
 from celeriac.broker.base import BrokerConnectionError, Consumer, Delivery, Subscription
 from celeriac.exceptions import DecodeError
 from celeriac.protocol import Message
-from proton import Delivery as AMQPDelivery
+from cproton import (
+    PN_ACCEPTED,
+    PN_REJECTED,
+    PN_RELEASED,
+    pn_decref,
+    pn_delivery_settle,
+    pn_delivery_settled,
+    pn_delivery_update,
+    pn_incref,
+    pn_link_credit,
+    pn_link_flow,
+)
 from proton.reactor import AtMostOnce, LinkOption
 
 from celeriac_qpid import codec
@@ -85,6 +96,8 @@ class QpidConsumer(Consumer):
         self._ids = itertools.count(1)
         self._unsettled: dict[int, tuple[Any, Any]] = {}
         self._links: dict[str, tuple[Source, Any]] = {}
+        #: receiver link C pointer -> its source (the links of ``_links``, for the short way)
+        self._by_impl: dict[Any, Source] = {}
         self._session: Any = None
         self._attached = threading.Event()
         self._session_done = threading.Event()
@@ -153,13 +166,13 @@ class QpidConsumer(Consumer):
     def ack(self, delivery: Delivery) -> None:
         """Settle ``delivery`` as accepted (applied on the reactor thread). Thread-safe."""
         if not self.no_ack:
-            self._op(delivery, AMQPDelivery.ACCEPTED)
+            self._op(delivery, PN_ACCEPTED)
 
     def reject(self, delivery: Delivery, requeue: bool = False) -> None:
         """Settle ``delivery`` as released (``requeue``: back to its queue) or rejected
         (dropped or dead-lettered). Thread-safe."""
         if not self.no_ack:
-            self._op(delivery, AMQPDelivery.RELEASED if requeue else AMQPDelivery.REJECTED)
+            self._op(delivery, PN_RELEASED if requeue else PN_REJECTED)
 
     def _op(self, delivery: Delivery, outcome: Any) -> None:
         gen, ident = delivery.tag
@@ -193,7 +206,7 @@ class QpidConsumer(Consumer):
         if self._closed:
             return
         self._gen += 1
-        self._unsettled.clear()
+        self._drop_unsettled()
         session = reactor.connection.session()
         session.open()
         self._session = session
@@ -207,7 +220,7 @@ class QpidConsumer(Consumer):
             name = reactor.new_link_name("in")
             reactor.receivers[name] = self
             link = reactor.container.create_receiver(session, source.address, name=name, options=options)
-            self._links[name] = (source, link)
+            self._add_link(name, source, link)
             link.flow(share)
 
     def link_opened(self, link: Any) -> None:
@@ -219,8 +232,7 @@ class QpidConsumer(Consumer):
 
     def link_lost(self, link: Any, reason: str) -> None:
         """The broker detached one of our receivers (queue deleted, address refused)."""
-        entry = self._links.pop(link.name, None)
-        self.reactor.receivers.pop(link.name, None)
+        entry = self._forget_link(link.name)
         if entry is None or self._closed:
             return
         if not self._attached.is_set():
@@ -239,8 +251,31 @@ class QpidConsumer(Consumer):
         if self.no_ack:
             options.append(AtMostOnce())
         link = self.reactor.container.create_receiver(self._session, source.address, name=name, options=options)
-        self._links[name] = (source, link)
+        self._add_link(name, source, link)
         link.flow(max(1, self.prefetch) if self.prefetch else WIDE_WINDOW)
+
+    def _add_link(self, name: str, source: Source, link: Any) -> None:
+        self._links[name] = (source, link)
+        self._by_impl[link._impl] = source
+        self.reactor.fast_receivers[link._impl] = self
+
+    def _forget_link(self, name: str) -> tuple[Source, Any] | None:
+        entry = self._links.pop(name, None)
+        self.reactor.receivers.pop(name, None)
+        if entry is not None:
+            self._by_impl.pop(entry[1]._impl, None)
+            self.reactor.fast_receivers.pop(entry[1]._impl, None)
+        return entry
+
+    def _forget_links(self) -> None:
+        for name in list(self._links):
+            self._forget_link(name)
+
+    def _drop_unsettled(self) -> None:
+        """The deliveries held are stale (connection or session gone): forget them."""
+        for delivery, _link in self._unsettled.values():
+            pn_decref(delivery)
+        self._unsettled.clear()
 
     def session_closed(self, session: Any) -> None:
         """The broker ended a session (ours after close)."""
@@ -251,13 +286,11 @@ class QpidConsumer(Consumer):
         """The broker ended our session with an error (it refused one of our sources)."""
         if self._session is None or session != self._session:
             return
-        for name in list(self._links):
-            self.reactor.receivers.pop(name, None)
-        self._links.clear()
+        self._forget_links()
         self._session = None
         self._session_done.set()
         self._gen += 1
-        self._unsettled.clear()
+        self._drop_unsettled()
         if not self._attached.is_set():
             self.error = f"the broker refused to attach: {reason}"
             return
@@ -269,45 +302,50 @@ class QpidConsumer(Consumer):
     def detached(self) -> None:
         """The connection is gone: every delivery so far is stale (the broker redelivers)."""
         self._gen += 1
-        self._unsettled.clear()
-        self._links.clear()
+        self._drop_unsettled()
+        self._forget_links()
         self._session = None
         self._session_done.set()
 
-    def on_message(self, delivery: Any, link: Any, raw: Any) -> None:
-        """One message arrived on one of our links."""
-        entry = self._links.get(link.name)
-        if entry is None:
-            if not delivery.settled:
-                delivery.update(AMQPDelivery.RELEASED)
-            delivery.settle()
+    def on_raw(self, delivery: Any, link: Any, data: bytes) -> None:
+        """One message arrived on one of our links (``delivery`` and ``link`` are proton's C
+        pointers, ``data`` the encoded message)."""
+        source = self._by_impl.get(link)
+        if source is None:
+            self._settle(delivery, PN_RELEASED)
             return
-        source = entry[0]
+        raw: Any = None
         try:
+            raw = codec.parse(data)
             message = codec.decode(raw)
         except DecodeError as exc:
             logger.error("Rejected message %s from %s: Celeriac cannot decode it: %s",
-                         codec.message_id(raw), source.queue, exc)
-            if not delivery.settled:
-                delivery.update(AMQPDelivery.REJECTED)
-            delivery.settle()
+                         "<unreadable>" if raw is None else codec.message_id(raw), source.queue, exc)
+            self._settle(delivery, PN_REJECTED)
             self._top_up(link, 1)
             return
         if source.pattern is not None and not topic_matches(source.pattern, str(raw.subject or "")):
-            delivery.settle()
+            pn_delivery_settle(delivery)
             self._top_up(link, 1)
             return
         redelivered = not raw.first_acquirer or bool(raw.delivery_count)
         if self.no_ack:
-            delivery.settle()
+            pn_delivery_settle(delivery)
             self._top_up(link, 1)
             self._hand_over(Delivery(message, source.queue, None, "", source.queue, redelivered))
             return
         ident = next(self._ids)
+        pn_incref(delivery)  # kept alive until we settle it, whatever happens to the link
         self._unsettled[ident] = (delivery, link)
         if not self.prefetch:
             self._top_up(link, 1)
         self._hand_over(Delivery(message, source.queue, (self._gen, ident), "", source.queue, redelivered))
+
+    @staticmethod
+    def _settle(delivery: Any, outcome: int) -> None:
+        if not pn_delivery_settled(delivery):
+            pn_delivery_update(delivery, outcome)
+        pn_delivery_settle(delivery)
 
     def _hand_over(self, delivery: Delivery) -> None:
         # Deliveries are handed to fetch() in one batch per reactor iteration (see publish()).
@@ -322,44 +360,49 @@ class QpidConsumer(Consumer):
             self._out.put(batch)
 
     def _top_up(self, link: Any, settled: int) -> None:
+        """Give ``settled`` credits back to ``link`` (a C pointer), or refill a wide window."""
         if self.prefetch and not self.no_ack:
-            link.flow(settled)
-        elif link.credit < WIDE_WINDOW // 2:
-            link.flow(WIDE_WINDOW - link.credit)
+            pn_link_flow(link, settled)
+        else:
+            credit = pn_link_credit(link)
+            if credit < WIDE_WINDOW // 2:
+                pn_link_flow(link, WIDE_WINDOW - credit)
 
     def _apply(self) -> None:
         with self._ops_lock:
             self._ops_pending = False
-        credits: dict[str, tuple[Any, int]] = {}
+        credits: dict[Any, int] = {}
         ops = self._ops
+        unsettled = self._unsettled
         while ops:
             gen, ident, outcome = ops.popleft()
             if gen != self._gen:
                 continue
-            entry = self._unsettled.pop(ident, None)
+            entry = unsettled.pop(ident, None)
             if entry is None:
                 continue
             delivery, link = entry
-            delivery.update(outcome)
-            delivery.settle()
+            pn_delivery_update(delivery, outcome)
+            pn_delivery_settle(delivery)
+            pn_decref(delivery)
             if self.prefetch:
-                name = link.name
-                credits[name] = (link, credits.get(name, (link, 0))[1] + 1)
-        for link, count in credits.values():
-            if link.name in self._links:
-                link.flow(count)
+                credits[link] = credits.get(link, 0) + 1
+        for link, count in credits.items():
+            if link in self._by_impl:
+                pn_link_flow(link, count)
 
     def _shutdown(self) -> None:
         self.reactor.remove_attachment(self)
         self._apply()
         for delivery, _link in self._unsettled.values():
-            delivery.update(AMQPDelivery.RELEASED)
-            delivery.settle()
+            pn_delivery_update(delivery, PN_RELEASED)
+            pn_delivery_settle(delivery)
+            pn_decref(delivery)
         self._unsettled.clear()
-        for name, (_source, link) in list(self._links.items()):
-            self.reactor.receivers.pop(name, None)
+        links = [link for _source, link in self._links.values()]
+        self._forget_links()
+        for link in links:
             link.close()
-        self._links.clear()
         if self._session is not None:
             self._session.close()
         else:

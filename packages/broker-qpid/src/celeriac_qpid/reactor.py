@@ -32,18 +32,48 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from celeriac.exceptions import BrokerConnectionError
+
+# proton's C binding (cffi, python-qpid-proton >= 0.39): the per-message paths call it directly
+# instead of building proton's Python wrappers (an Event, a Delivery, a Link ... per message).
+from cproton import (
+    PN_ACCEPTED,
+    PN_DELIVERY,
+    PN_MODIFIED,
+    PN_REJECTED,
+    PN_RELEASED,
+    pn_collector_peek,
+    pn_collector_pop,
+    pn_delivery,
+    pn_delivery_aborted,
+    pn_delivery_link,
+    pn_delivery_partial,
+    pn_delivery_pending,
+    pn_delivery_readable,
+    pn_delivery_remote_state,
+    pn_delivery_settle,
+    pn_delivery_settled,
+    pn_delivery_tag,
+    pn_event_delivery,
+    pn_event_type,
+    pn_link_advance,
+    pn_link_credit,
+    pn_link_is_sender,
+    pn_link_recv,
+    pn_link_send,
+)
 from proton import (
+    Collector,
     Condition,
     Data,
     Delivery,
     Endpoint,
+    Event,
     Handler,
     Link,
     SSLDomain,
     Terminus,
     symbol,
 )
-from proton import Message as AMQPMessage
 from proton.reactor import (
     ApplicationEvent,
     AtMostOnce,
@@ -197,6 +227,40 @@ class _Timer:
         self.fn()
 
 
+class _FastCollector(Collector):  # type: ignore[misc]
+    """The container's event collector with a short way for delivery events (one per message
+    sent or received): :attr:`fast` handles them on the raw C objects and they are never
+    wrapped into Python ``Event``, ``Delivery``, ``Link``, ``Session`` and ``Connection``
+    objects nor dispatched through the handler chain, which is most of proton's cost per
+    message. Every other event (and a delivery :attr:`fast` declines) goes the usual way."""
+
+    fast: Callable[[Any], bool] | None = None
+
+    def peek(self) -> Any:
+        """The next event to dispatch, after handling the delivery events before it."""
+        impl = self._impl
+        fast = self.fast
+        while True:
+            event = pn_collector_peek(impl)
+            if not event:
+                return None
+            if fast is not None and pn_event_type(event) == PN_DELIVERY:
+                try:
+                    handled = fast(pn_event_delivery(event))
+                except Exception:
+                    logger.exception("Error handling an AMQP 1.0 delivery")
+                    handled = True
+                if handled:
+                    pn_collector_pop(impl)
+                    continue
+            return Event.wrap(event)
+
+
+#: Seconds the reactor keeps looking at the publish queue after it sent something, instead of
+#: being woken (a pipe write and a thread switch) for every message of a burst.
+POLL_INTERVAL = 0.001
+
+
 class Reactor(Handler):  # type: ignore[misc]
     """One connection and its proton Container thread. Public methods are thread-safe unless
     they say they run on the reactor thread."""
@@ -211,6 +275,13 @@ class Reactor(Handler):  # type: ignore[misc]
         self.container.container_id = f"celeriac-{uuid.uuid4().hex[:12]}"
         self._injector = EventInjector()
         self.container.selectable(self._injector)
+        collector = getattr(self.container, "_collector", None)
+        if type(collector) is Collector:  # a proton whose container we know: deliveries the short way
+            collector.__class__ = _FastCollector
+            collector.fast = self._fast_delivery
+        #: receiver link (C pointer) -> its consumer, for the short way of deliveries
+        self.fast_receivers: dict[Any, Any] = {}
+        self._polling = False
         self._inbox: deque[Callable[[], None]] = deque()
         self._outbox: deque[_Out] = deque()
         self._wake_lock = threading.Lock()
@@ -242,9 +313,10 @@ class Reactor(Handler):  # type: ignore[misc]
         self._by_tag: dict[str, int] = {}
         self._seq = itertools.count(1)
         self._cond = threading.Condition()
-        self._inflight = 0
+        self._count_lock = threading.Lock()
+        self._published = 0  # tracked (unsettled) publishes so far; under _count_lock
+        self._done = 0  # of those, settled by the broker or given up; reactor thread only
         self._waiting = 0
-        self._confirmed = 0
         self._attached_targets: set[Target] = set()
         self._refused: dict[Target, str] = {}
         self._worked: set[Target] = set()
@@ -271,12 +343,25 @@ class Reactor(Handler):  # type: ignore[misc]
     def submit(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the reactor thread soon. Thread-safe; never blocks."""
         self._inbox.append(fn)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Make sure the reactor thread looks at the inbox and the publish queue soon: at once
+        when it is idle; not at all when it is awake or polling (it sent something less than
+        ``POLL_INTERVAL`` ago and looks again then)."""
+        if self._wake_pending:
+            return
         with self._wake_lock:
             if self._wake_pending:
                 return
             self._wake_pending = True
         with contextlib.suppress(OSError):
             self._injector.trigger(_WAKE)
+
+    @property
+    def _inflight(self) -> int:
+        """Messages published and not yet settled by the broker (nor given up)."""
+        return self._published - self._done
 
     def call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
         """Run ``fn`` on the reactor thread and return its result (re-raising its error)."""
@@ -302,19 +387,35 @@ class Reactor(Handler):  # type: ignore[misc]
         return box[0]
 
     def on_celeriac_wake(self, _event: Any) -> None:
-        """Reactor thread: run the work other threads submitted."""
+        """Reactor thread: run the work other threads submitted, send what they published."""
+        if self._polling:
+            return  # the poll timer runs the work
+        self._run_work()
+
+    def _run_work(self) -> None:
+        # Cleared before the queues are read: whatever is queued after this wakes us again.
+        self._wake_pending = False
         inbox = self._inbox
-        while True:
-            while inbox:
-                fn = inbox.popleft()
-                try:
-                    fn()
-                except Exception:
-                    logger.exception("Error on the AMQP 1.0 connection thread of %s", self.safe_url)
-            with self._wake_lock:  # producers do not wake us again while we are draining
-                if not inbox:
-                    self._wake_pending = False
-                    return
+        while inbox:
+            fn = inbox.popleft()
+            try:
+                fn()
+            except Exception:
+                logger.exception("Error on the AMQP 1.0 connection thread of %s", self.safe_url)
+        try:
+            sent = self._drain_outbox() if self._outbox else 0
+        except Exception:
+            logger.exception("Error on the AMQP 1.0 connection thread of %s", self.safe_url)
+            sent = 0
+        if sent:
+            # a burst: look again in a moment instead of being woken for every message
+            self._wake_pending = True
+            self._polling = True
+            self.schedule(POLL_INTERVAL, self._poll)
+
+    def _poll(self) -> None:
+        self._polling = False
+        self._run_work()
 
     def schedule(self, delay: float, fn: Callable[[], None]) -> None:
         """Reactor thread: run ``fn`` after ``delay`` seconds."""
@@ -546,11 +647,26 @@ class Reactor(Handler):  # type: ignore[misc]
         """
         if self._closing:
             raise BrokerConnectionError(f"The broker {self.safe_url} was closed.")
+        if not target.presettled:
+            if self._published - self._done >= self.options.confirm_window:
+                self._wait_window(what)
+            with self._count_lock:
+                self._published += 1
+        out = _Out(target, data, next(self._seq))
+        if target in self._attached_targets:
+            self._outbox.append(out)  # sent by the reactor in batches (see _run_work)
+            if not self._wake_pending:
+                self._wake()
+            return
+        self._wait_attached(target, out, what, time.monotonic() + self.options.publish_timeout)
+
+    def _wait_window(self, what: str) -> None:
+        """Wait until fewer than ``confirm_window`` messages are unsettled."""
         deadline = time.monotonic() + self.options.publish_timeout
-        tracked = not target.presettled
-        if tracked:
-            with self._cond:
-                while self._inflight >= self.options.confirm_window:
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._published - self._done >= self.options.confirm_window:
                     self._check_usable(what)
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -558,18 +674,9 @@ class Reactor(Handler):  # type: ignore[misc]
                             f"Cannot {what} ({self.safe_url}): {self.options.confirm_window} messages "
                             f"still unconfirmed after {self.options.publish_timeout:.0f} s "
                             f"({self.last_reason or 'broker not answering'}).")
-                    self._waiting += 1
-                    try:
-                        self._cond.wait(min(left, 1.0))
-                    finally:
-                        self._waiting -= 1
-                self._inflight += 1
-        out = _Out(target, data, next(self._seq))
-        if target in self._attached_targets:
-            self._outbox.append(out)  # drained in one call per wake-up, not one closure each
-            self.submit(self._drain_outbox)
-            return
-        self._wait_attached(target, out, what, deadline)
+                    self._cond.wait(min(left, 1.0))
+            finally:
+                self._waiting -= 1
 
     def publish_attach(self, target: Target, what: str) -> None:
         """Attach a sender to ``target`` (RabbitMQ creates the queue) and wait until the broker
@@ -590,12 +697,15 @@ class Reactor(Handler):  # type: ignore[misc]
             reason = error or self.last_reason or "timed out"
             raise BrokerConnectionError(f"Cannot {what} ({self.safe_url}): {reason}")
 
-    def _drain_outbox(self) -> None:
+    def _drain_outbox(self) -> int:
+        """Reactor thread: hand the published messages to their senders; return how many."""
         outbox = self._outbox
         touched: dict[Target, _Sender] = {}
         connected = self.connection is not None and self.opened.is_set()
+        count = 0
         while outbox:
             out = outbox.popleft()
+            count += 1
             if not out.target.presettled:
                 self._unsettled[out.seq] = out
             if connected:
@@ -604,6 +714,7 @@ class Reactor(Handler):  # type: ignore[misc]
                 touched[out.target] = sender
         for sender in touched.values():
             self._pump(sender)
+        return count
 
     def _check_usable(self, what: str) -> None:
         if self.error is not None and (not self.error.transient or self._closing):
@@ -709,40 +820,57 @@ class Reactor(Handler):  # type: ignore[misc]
         if link.is_sender and link.credit:
             self.on_sendable(event)
 
-    def on_delivery(self, event: Any) -> None:
-        """Proton event: a message arrived on a receiver, or the broker settled one we sent."""
-        delivery = event.delivery
-        link = delivery.link
-        if link.is_receiver:
-            if delivery.aborted:
-                delivery.settle()
-            elif delivery.readable and not delivery.partial:
-                raw = AMQPMessage()
-                raw.decode(link.recv(delivery.pending))
-                link.advance()
-                owner = self.receivers.get(link.name)
-                if owner is not None and not link.state & Endpoint.LOCAL_CLOSED:
-                    owner.on_message(delivery, link, raw)
-                else:
-                    if not delivery.settled:
-                        delivery.update(Delivery.RELEASED)
-                    delivery.settle()
-        elif delivery.updated:
-            state = delivery.remote_state
-            if state == Delivery.ACCEPTED:
+    def _fast_delivery(self, delivery: Any) -> bool:
+        """Reactor thread, for every delivery event (``delivery`` is the C pointer): a message
+        arrived on a consumer's receiver, or the broker settled one we sent. Returns False for
+        a delivery of a link nobody here knows (the wrapper path releases it)."""
+        link = pn_delivery_link(delivery)
+        if pn_link_is_sender(link):
+            state = pn_delivery_remote_state(delivery)
+            if state == PN_ACCEPTED:
                 self._settled(delivery, "accepted")
-            elif state == Delivery.REJECTED:
+            elif state == PN_REJECTED:
                 self._settled(delivery, "rejected")
-            elif state in (Delivery.RELEASED, Delivery.MODIFIED):
+            elif state == PN_RELEASED or state == PN_MODIFIED:
                 self._settled(delivery, "released")
-            if delivery.settled:
-                delivery.settle()
+            if pn_delivery_settled(delivery):
+                pn_delivery_settle(delivery)
+            return True
+        owner = self.fast_receivers.get(link)
+        if owner is None:
+            return False
+        if pn_delivery_aborted(delivery):
+            pn_delivery_settle(delivery)
+        elif pn_delivery_readable(delivery) and not pn_delivery_partial(delivery):
+            size, data = pn_link_recv(link, pn_delivery_pending(delivery))
+            pn_link_advance(link)
+            owner.on_raw(delivery, link, bytes(data) if size > 0 else b"")
+        return True
+
+    def on_delivery(self, event: Any) -> None:
+        """Proton event: a delivery :meth:`_fast_delivery` declined (a receiver link that is
+        closing or unknown here): release it."""
+        delivery = event.delivery
+        if delivery.link.is_sender:
+            self._fast_delivery(delivery._impl)
+        elif delivery.readable and not delivery.partial:
+            delivery.link.recv(delivery.pending)
+            delivery.link.advance()
+            if not delivery.settled:
+                delivery.update(Delivery.RELEASED)
+            delivery.settle()
+        elif delivery.aborted:
+            delivery.settle()
 
     def on_reactor_quiesced(self, _event: Any) -> None:
-        """Proton event, once per loop iteration: hand over confirmations and received batches."""
-        if self._confirmed:
-            confirmed, self._confirmed = self._confirmed, 0
-            self._release(confirmed)
+        """Proton event, once per loop iteration (before the container waits for I/O): send
+        what was published meanwhile, wake publishers waiting for the window, hand received
+        deliveries to the consumers."""
+        if self._outbox:
+            self._drain_outbox()
+        if self._waiting:
+            with self._cond:
+                self._cond.notify_all()
         dirty, self.dirty = self.dirty, []
         for consumer in dirty:
             consumer.publish()
@@ -876,26 +1004,30 @@ class Reactor(Handler):  # type: ignore[misc]
             return
         presettled = link.snd_settle_mode == Link.SND_SETTLED
         released = 0
-        while sender.pending and link.credit > 0:
-            out = sender.pending.popleft()
-            if not presettled and out.seq not in self._unsettled:
+        impl = link._impl
+        pending = sender.pending
+        unsettled = self._unsettled
+        by_tag = self._by_tag
+        while pending and pn_link_credit(impl) > 0:
+            out = pending.popleft()
+            if not presettled and out.seq not in unsettled:
                 continue
             tag = str(out.seq)
-            delivery = link.delivery(tag)
-            link.stream(out.data)
-            link.advance()
+            delivery = pn_delivery(impl, tag)
+            pn_link_send(impl, out.data)
+            pn_link_advance(impl)
             if presettled:
-                delivery.settle()
-                if self._unsettled.pop(out.seq, None) is not None:
+                pn_delivery_settle(delivery)
+                if unsettled.pop(out.seq, None) is not None:
                     released += 1
             else:
-                self._by_tag[tag] = out.seq
+                by_tag[tag] = out.seq
         if released:
             self._release(released)
 
     def _settled(self, delivery: Any, outcome: str) -> None:
-        tag = delivery.tag
-        seq = self._by_tag.pop(tag.decode() if isinstance(tag, bytes) else str(tag), None)
+        """Reactor thread: the broker settled the delivery (C pointer) of a message we sent."""
+        seq = self._by_tag.pop(pn_delivery_tag(delivery), None)
         if seq is None:
             return
         out = self._unsettled.get(seq)
@@ -909,15 +1041,13 @@ class Reactor(Handler):  # type: ignore[misc]
             return
         del self._unsettled[seq]
         if outcome == "rejected":
-            condition = getattr(delivery.remote, "condition", None)
+            condition = getattr(Delivery.wrap(delivery).remote, "condition", None)
             logger.error("The broker rejected a message for %s (%s).", out.target.address, describe(condition))
-        self._confirmed += 1  # handed to publishers once per reactor iteration
+        self._done += 1  # waiting publishers are woken once per reactor iteration
 
     def _release(self, count: int) -> None:
-        with self._cond:
-            self._inflight -= count
-            if self._waiting:
-                self._cond.notify_all()
+        """Reactor thread: ``count`` tracked messages are settled or given up."""
+        self._done += count
 
     def flush(self, timeout: float) -> bool:
         """Wait until the broker settled every message published so far (or ``timeout``).
