@@ -3,7 +3,8 @@
 JSON is the default and follows kombu's wire encoding: values JSON cannot hold travel as
 ``{"__type__": T, "__value__": V}`` (datetime, date, time, decimal, uuid, bytes), and objects with
 ``__json__()`` serialize as what it returns. Pickle exists but is refused unless ``accept_content``
-names it.
+names it. ``auth`` (signed messages, content type ``application/data``) is registered by
+:func:`celeriac.security.setup_security`.
 """
 
 from __future__ import annotations
@@ -181,5 +182,7 @@ def loads(body: bytes, content_type: str, accept: AcceptPolicy | None = None) ->
         raise ContentDisallowed(f"No serializer is registered for content type {content_type!r}.")
     try:
         return codec.loads(body)
+    except DecodeError:  # a codec's own reason (the auth serializer's) is clear as it is
+        raise
     except Exception as exc:
         raise DecodeError(f"Could not decode a {content_type} body: {exc}") from exc

@@ -17,6 +17,7 @@ from celeriac.control import PIDBOX_EXCHANGE
 from celeriac.exceptions import TaskRevokedError
 from celeriac.protocol import Message
 from celeriac.routing import Exchange, Queue
+from celeriac.security import mask_settings, mask_url
 from celeriac.serialization import json_dumps, json_loads
 
 if TYPE_CHECKING:
@@ -134,7 +135,7 @@ def stats(worker: Worker) -> Any:
                  "autoscaler": ({"max": worker.autoscaler.max_concurrency, "min": worker.autoscaler.min_concurrency}
                                 if worker.autoscaler else None)},
         "broker": {"transport": worker.app.broker_url.split("://", 1)[0],
-                   "uri": worker.app.broker.safe_url},
+                   "uri": mask_url(worker.app.broker_url)},
         "prefetch_count": worker.prefetch, "processed": consumer.processed if consumer else 0,
         "sw_ident": "celeriac", "sw_ver": __version__,
     }
@@ -177,7 +178,7 @@ def conf(worker: Worker, with_defaults: bool = False) -> Any:
         if not with_defaults and DEFAULTS.get(key, object()) == value:
             continue
         values[key] = value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else repr(value)
-    return values
+    return mask_settings(values)  # passwords in URLs and secret-looking keys hidden
 
 
 @handler("clock")

@@ -14,11 +14,12 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from celeriac import __version__
-from celeriac.broker.base import BROADCAST, QUEUE_SIZE, REPLY_QUEUES, mask_url
+from celeriac.broker.base import BROADCAST, QUEUE_SIZE, REPLY_QUEUES
 from celeriac.events import EventDispatcher
 from celeriac.exceptions import BrokerConnectionError
 from celeriac.plugins.manager import available_pools, plugin_infos, pool_factory
 from celeriac.routing import Queue
+from celeriac.security import mask_url
 from celeriac.worker.autoscale import Autoscaler
 from celeriac.worker.consumer import TaskConsumer
 from celeriac.worker.control import Pidbox
