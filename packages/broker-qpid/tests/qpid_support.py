@@ -53,6 +53,30 @@ def delete_queues(names: Iterable[str]) -> None:
             connection.close()
 
 
+def ready_count(name: str) -> int | None:
+    """Messages ready (not delivered to a consumer) in queue ``name``, asked over AMQP 0-9-1;
+    None when it cannot be asked (no pika, server down)."""
+    try:
+        import pika
+    except ImportError:
+        return None
+    parts = urlsplit(AMQP_URL)
+    vhost = unquote(parts.path[1:]) if parts.path not in ("", "/", "//") else "/"
+    params = pika.ConnectionParameters(parts.hostname or "localhost", parts.port or 5672, vhost,
+                                       pika.PlainCredentials(parts.username or "guest", parts.password or "guest"))
+    try:
+        connection = pika.BlockingConnection(params)
+    except Exception:  # noqa: BLE001 - best effort, like delete_queues
+        return None
+    try:
+        return int(connection.channel().queue_declare(name, passive=True).method.message_count)
+    except Exception:  # noqa: BLE001
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            connection.close()
+
+
 def rabbitmq_running() -> bool:
     """True when RabbitMQ accepts connections on 5672."""
     return server_reachable(QPID_URL, 5672)

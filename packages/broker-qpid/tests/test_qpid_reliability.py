@@ -1,7 +1,9 @@
 """Nothing lost: a worker killed with SIGKILL while holding ``acks_late`` tasks, and RabbitMQ
 stopped and started (``rabbitmqctl stop_app``/``start_app``) while tasks flow.
 
-Bounded: a few hundred tasks, every worker and client process killed at the end.
+The issue's counts: the killed worker holds 1,000 unacknowledged ``acks_late`` tasks (another
+worker runs them all), and 5,000 tasks flow through the restart. Bounded: each test waits at
+most a minute or two for its workers, and every worker and client process is stopped at the end.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qpid_support import delete_queues, unique
+from qpid_support import delete_queues, ready_count, unique
 
 CELERIAC = [sys.executable, "-m", "celeriac"]
 
@@ -41,6 +43,7 @@ def _tally(i):
 
 @app.task(acks_late=True)
 def work(i, delay=0.0):
+    delay = float(os.environ.get("REL_SLOW") or delay)  # a worker started with REL_SLOW dawdles
     if delay:
         time.sleep(delay)
     _tally(i)
@@ -83,44 +86,51 @@ def _wait_all(env: dict[str, str], total: int, timeout: float) -> set[int]:
     return done
 
 
-def _worker(cwd: Path, env: dict[str, str], spawn_worker: Callable[..., Any], concurrency: int = 4) -> Any:
+def _worker(cwd: Path, env: dict[str, str], spawn_worker: Callable[..., Any], concurrency: int = 4,
+            *extra: str) -> Any:
     worker = spawn_worker([*CELERIAC, "-A", "relapp", "worker", "-l", "info", "-c", str(concurrency),
-                           "-P", "threads"], cwd, env)
+                           "-P", "threads", *extra], cwd, env)
     worker.wait_ready()
     return worker
 
 
-def test_kill_9_with_acks_late_tasks_loses_none(rel_app: tuple[Path, dict[str, str]],
-                                                 spawn_worker: Callable[..., Any]) -> None:
+def _send(cwd: Path, env: dict[str, str], code: str) -> None:
+    sent = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert sent.returncode == 0, sent.stderr[-3000:]
+
+
+def test_kill_9_with_1000_unacked_acks_late_tasks_loses_none(rel_app: tuple[Path, dict[str, str]],
+                                                            spawn_worker: Callable[..., Any]) -> None:
     cwd, env = rel_app
-    total = 400
-    doomed = _worker(cwd, env, spawn_worker)
-    survivor = _worker(cwd, env, spawn_worker)
-    sent = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+    total = 1000
+    _send(cwd, env, f"""
         from relapp import app, work
         for i in range({total}):
-            work.delay(i, 0.03)
+            work.delay(i)
         app.close()
-        print("sent")
-    """)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False)
-    assert sent.returncode == 0, sent.stderr[-3000:]
+    """)
+    # prefetch 4 x 250 = 1000: the first worker takes every task and finishes none of them
+    doomed = _worker(cwd, {**env, "REL_SLOW": "600"}, spawn_worker, 4, "--prefetch-multiplier", "250")
     deadline = time.monotonic() + 60
-    while sum(1 for _, pid in _tally(env) if pid == doomed.proc.pid) < 40:
-        assert time.monotonic() < deadline, "the first worker never ran 40 tasks"
-        time.sleep(0.05)
-    doomed.kill()  # holding up to its prefetch of unacked acks_late tasks
-    done = _wait_all(env, total, 90)
+    while ready_count(env["REL_QUEUE"]) != 0:
+        assert time.monotonic() < deadline, f"the first worker never took all {total} tasks"
+        time.sleep(0.2)
+    assert not _tally(env), "the first worker ran a task it should still be holding"
+    doomed.kill()  # SIGKILL while 1,000 acks_late deliveries are unacknowledged
+    survivor = _worker(cwd, env, spawn_worker, 8)
+    done = _wait_all(env, total, 120)
     missing = set(range(total)) - done
-    assert not missing, f"{len(missing)} tasks lost, e.g. {sorted(missing)[:10]}"
-    assert any(pid == survivor.proc.pid for _, pid in _tally(env))
+    assert not missing, f"{len(missing)} tasks lost, e.g. {sorted(missing)[:10]}\n{survivor.log()[-2000:]}"
+    assert {pid for _, pid in _tally(env)} == {survivor.proc.pid}
 
 
 def test_rabbitmq_stop_start_app_during_a_flow_loses_none(
         rel_app: tuple[Path, dict[str, str]], spawn_worker: Callable[..., Any],
         restart_rabbitmq: Callable[..., None]) -> None:
     cwd, env = rel_app
-    total = 1500
-    worker = _worker(cwd, env, spawn_worker)
+    total = 5000
+    worker = _worker(cwd, env, spawn_worker, 8)
     code = f"""
         import json, sys
         from relapp import app, record
@@ -146,7 +156,7 @@ def test_rabbitmq_stop_start_app_during_a_flow_loses_none(
         out, err = client.communicate(timeout=120)
         assert client.returncode == 0, err[-3000:]
         assert json.loads(out.strip().splitlines()[-1]) == {"sent": total}
-        done = _wait_all(env, total, 90)
+        done = _wait_all(env, total, 120)
         missing = set(range(total)) - done
         assert not missing, (f"{len(missing)} tasks lost, e.g. {sorted(missing)[:10]}\nclient:\n{err[-2000:]}"
                              f"\nworker:\n{worker.log()[-2000:]}")
