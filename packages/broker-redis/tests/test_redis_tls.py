@@ -108,8 +108,9 @@ def _free_port() -> int:
 class TLSRedis:
     """A private redis-server serving TLS only, on its own port."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, password: str = "") -> None:
         self.root = root
+        self.password = password
         self.certs = make_certificates(root)
         self.port = _free_port()
         self.log = root / "redis-tls.log"
@@ -117,8 +118,10 @@ class TLSRedis:
                 "--tls-cert-file", self.certs["server"], "--tls-key-file", str(root / "server.key"),
                 "--tls-ca-cert-file", self.certs["ca"], "--tls-auth-clients", "no",
                 "--save", "", "--appendonly", "no", "--dir", str(root), "--logfile", str(self.log)]
+        if password:
+            argv += ["--requirepass", password]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        url = self.url()
+        url = self.url(password=password)
         try:
             wait_for(lambda: self._ping(url) or self.proc.poll() is not None, 15, "the TLS Redis")
         except AssertionError:
@@ -128,10 +131,10 @@ class TLSRedis:
             log = self.log.read_text(errors="replace") if self.log.exists() else ""
             raise RuntimeError(f"redis-server --tls-port did not start: {log[-1500:]}")
 
-    def url(self, host: str = "localhost", password: str = "", query: str | None = None) -> str:
+    def url(self, host: str = "localhost", password: str = "", query: str | None = None, db: int = 0) -> str:
         auth = f":{password}@" if password else ""
         q = f"ssl_cert_reqs=required&ssl_ca_certs={self.certs['ca']}" if query is None else query
-        return f"rediss://{auth}{host}:{self.port}/0" + (f"?{q}" if q else "")
+        return f"rediss://{auth}{host}:{self.port}/{db}" + (f"?{q}" if q else "")
 
     @staticmethod
     def _ping(url: str) -> bool:
@@ -159,18 +162,29 @@ def _redis_has_tls() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSRedis]:
+def _start(root: Path, password: str = "") -> TLSRedis:
     reason = _redis_has_tls()
     if reason is None:
         try:
-            server = TLSRedis(tmp_path_factory.mktemp("redis-tls"))
+            return TLSRedis(root, password)
         except RuntimeError as exc:  # a build without TLS says so in its log
             reason = f"this redis-server cannot serve TLS: {exc}"
-    if reason is not None:
-        if os.environ.get("CELERIAC_REQUIRE_BROKERS") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    if os.environ.get("CELERIAC_REQUIRE_BROKERS") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSRedis]:
+    server = _start(tmp_path_factory.mktemp("redis-tls"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_redis_password(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSRedis]:
+    """Another private TLS server, this one with ``--requirepass``."""
+    server = _start(tmp_path_factory.mktemp("redis-tls-pw"), PASSWORD)
     yield server
     server.stop()
 
@@ -182,6 +196,7 @@ from celeriac import Celeriac
 
 app = Celeriac("tls", broker={broker!r}, backend={backend!r})
 app.conf.update(task_default_queue={queue!r}, {settings})
+{extra}
 
 
 @app.task(name="tls.add")
@@ -193,13 +208,15 @@ def add(x, y):
 class Worker:
     """A ``celeriac worker`` process on a generated app module."""
 
-    def __init__(self, root: Path, broker: str, backend: str, **settings: Any) -> None:
+    def __init__(self, root: Path, broker: str, backend: str, *, extra: str = "", args: tuple[str, ...] = (),
+                 template: str = APP, command: str = "celeriac", queue: str | None = None,
+                 **settings: Any) -> None:
         self.root = root
         self.name = f"tlsapp_{uuid.uuid4().hex[:8]}"
-        self.queue = f"tls{uuid.uuid4().hex[:8]}"
+        self.queue = queue or f"tls{uuid.uuid4().hex[:8]}"
         text = ", ".join(f"{k}={v!r}" for k, v in settings.items())
-        (root / f"{self.name}.py").write_text(APP.format(broker=broker, backend=backend,
-                                                         queue=self.queue, settings=text))
+        (root / f"{self.name}.py").write_text(template.format(broker=broker, backend=backend, queue=self.queue,
+                                                              settings=text, extra=extra))
         self.log = root / f"{self.name}.log"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
@@ -207,9 +224,10 @@ class Worker:
         env.pop("CELERIAC_RESULT_BACKEND", None)
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [str(VENV_BIN / "celeriac"), "-A", self.name, "worker", "-l", "info", "-P", "threads",
-                 "-c", "2", "-n", f"{self.name}@%h"], cwd=root, env=env, stdout=out,
+                [str(VENV_BIN / command), "-A", self.name, "worker", "-l", "info", "-P", "threads",
+                 "-c", "2", "-n", f"{self.name}@%h", *args], cwd=root, env=env, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True)
+        self.env = env
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -371,3 +389,71 @@ def test_the_backend_fails_at_once_on_a_refused_certificate(tls_redis: TLSRedis)
         assert good.get("some-task-id") is None
     finally:
         good.close()
+
+
+# -- passwords masked everywhere ---------------------------------------------------------------
+
+MASKING_EXTRA = '''
+
+@app.task(name="tls.boom")
+def boom():
+    raise ValueError("boom")
+'''
+
+
+def _cli(worker: Worker, *args: str, broker: str | None = None, timeout: float = 60) -> str:
+    argv = [str(VENV_BIN / "celeriac")] + (["-b", broker] if broker else []) + ["-A", worker.name, *args]
+    done = subprocess.run(argv, cwd=worker.root, env=worker.env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    return f"$ {' '.join(args)} (exit {done.returncode})\n{done.stdout}\n{done.stderr}"
+
+
+def test_passwords_appear_nowhere(tls_redis_password: TLSRedis, tmp_path: Path, workers: list[Worker]) -> None:
+    """A worker with the password in its broker and backend URLs: the banner, its debug log,
+    ``inspect conf``, ``inspect stats``, ``events --dump`` and the errors of a wrong password
+    never show it (nor the wrong one)."""
+    server = tls_redis_password
+    broker, backend = server.url(password=PASSWORD), server.url(password=PASSWORD, db=1)
+    worker = Worker(tmp_path, broker, backend, extra=MASKING_EXTRA, args=("-E", "-l", "debug"),
+                    broker_transport_options={"visibility_timeout": 3600, "publish_retry_timeout": 2},
+                    redis_backend_use_ssl={"ssl_ca_certs": server.certs["ca"]})
+    workers.append(worker)
+    worker.wait_ready()
+    outputs: dict[str, str] = {}
+    dump = subprocess.Popen([str(VENV_BIN / "celeriac"), "-A", worker.name, "events", "--dump", "--timeout", "8"],
+                            cwd=worker.root, env=worker.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    time.sleep(2)
+    app = _client(broker, backend, worker.queue, redis_backend_use_ssl={"ssl_ca_certs": server.certs["ca"]})
+    try:
+        assert app.send_task("tls.add", (1, 2)).get(timeout=20) == 3
+        failed = app.send_task("tls.boom")
+        with pytest.raises(Exception, match="boom"):
+            failed.get(timeout=20)
+    finally:
+        app.close()
+    outputs["events --dump"] = dump.communicate(timeout=30)[0]
+    outputs["inspect conf"] = _cli(worker, "inspect", "conf", "-j", "-t", "3")
+    outputs["inspect stats"] = _cli(worker, "inspect", "stats", "-j", "-t", "3")
+    wrong = "Wr0ng-pa55word"
+    wrong_url = server.url(password=wrong)
+    outputs["inspect with a wrong password"] = _cli(worker, "inspect", "ping", "-t", "2", broker=wrong_url)
+    bad = Worker(tmp_path, wrong_url, server.url(password=wrong, db=1))
+    workers.append(bad)
+    wait_for(lambda: "authentication failed" in bad.text() or bad.proc.poll() is not None, 30,
+             "the wrong password to be reported")
+    bad.stop()
+    worker.stop()
+    outputs["worker banner and log"] = worker.text()
+    outputs["worker with a wrong password"] = bad.text()
+    everything = "\n".join(f"===== {k}\n{v}" for k, v in outputs.items())
+    # the checks mean something: each output has what it should
+    assert "task succeeded" in outputs["events --dump"] and "task failed" in outputs["events --dump"], everything
+    assert f"rediss://:**@localhost:{server.port}/0" in outputs["inspect conf"], everything
+    assert f"rediss://:**@localhost:{server.port}/1" in outputs["inspect conf"], everything
+    assert f"rediss://:**@localhost:{server.port}/0" in outputs["inspect stats"], everything
+    assert f". broker:      rediss://:**@localhost:{server.port}/0" in outputs["worker banner and log"], everything
+    assert "authentication failed" in outputs["worker with a wrong password"], everything
+    assert "authentication failed" in outputs["inspect with a wrong password"], everything
+    assert PASSWORD not in everything, everything
+    assert wrong not in everything, everything
