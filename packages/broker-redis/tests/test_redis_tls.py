@@ -457,3 +457,108 @@ def test_passwords_appear_nowhere(tls_redis_password: TLSRedis, tmp_path: Path, 
     assert "authentication failed" in outputs["inspect with a wrong password"], everything
     assert PASSWORD not in everything, everything
     assert wrong not in everything, everything
+
+
+# -- signed messages (Celery's auth serializer) with Celery 5.6 on both sides ------------------
+
+@pytest.fixture(scope="module")
+def signer(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A signing key and certificate (issued by a CA of its own) and a store that trusts it."""
+    root = tmp_path_factory.mktemp("signer")
+    ca_key, key = _new_key(), _new_key()
+    ca = _cert("Signing CA", None, ca_key, ca_key, ca=True)
+    cert = _cert("alice", ca.subject, ca_key, key, ca=False, names=("alice",))
+    _save(root / "alice", key, cert)
+    (root / "store").mkdir()
+    (root / "store" / "alice.pem").write_bytes((root / "alice.pem").read_bytes())
+    return {"security_key": str(root / "alice.key"), "security_certificate": str(root / "alice.pem"),
+            "security_cert_store": str(root / "store")}
+
+
+SIGNED_CELERIAC = '''
+from celeriac import Celeriac
+from celeriac.security import setup_security
+
+app = Celeriac("signed", broker={broker!r}, backend={backend!r})
+app.conf.update(task_default_queue={queue!r}, task_serializer="auth", accept_content=["auth"], {settings})
+setup_security(app)
+
+
+@app.task(name="tls.add")
+def add(x, y):
+    return x + y
+'''
+
+SIGNED_CELERY = '''
+from celery import Celery
+
+app = Celery("signed", broker={broker!r}, backend={backend!r})
+app.conf.update(task_default_queue={queue!r}, task_serializer="auth", accept_content=["auth"],
+                result_accept_content=["json"], {settings})
+app.setup_security(allowed_serializers=["json"])
+
+
+@app.task(name="tls.add")
+def add(x, y):
+    return x + y
+'''
+
+CELERY_CLIENT = '''
+import json
+from {module} import app
+
+first = app.send_task("tls.add", (2, 3)).get(timeout=30)
+app.send_task("tls.add", (1, 1), task_id={unsigned!r}, serializer="json")  # unsigned
+second = app.send_task("tls.add", (4, 4)).get(timeout=30)
+print(json.dumps([first, second]))
+'''
+
+
+def _tls_settings(server: TLSRedis) -> dict[str, Any]:
+    options = {"ssl_cert_reqs": "required", "ssl_ca_certs": server.certs["ca"]}
+    return {"broker_use_ssl": options, "redis_backend_use_ssl": options}
+
+
+def test_a_celery_client_signs_and_a_celeriac_worker_runs_only_signed_tasks(
+        tls_redis: TLSRedis, signer: dict[str, str], tmp_path: Path, workers: list[Worker]) -> None:
+    pytest.importorskip("celery")
+    url = tls_redis.url()
+    settings = {**signer, **_tls_settings(tls_redis)}
+    worker = Worker(tmp_path, url, url, template=SIGNED_CELERIAC, **settings)
+    workers.append(worker)
+    worker.wait_ready()
+    client = f"celeryclient_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{client}.py").write_text(SIGNED_CELERY.format(
+        broker=url, backend=url, queue=worker.queue, extra="",
+        settings=", ".join(f"{k}={v!r}" for k, v in settings.items())))
+    unsigned = f"unsigned-{uuid.uuid4()}"
+    script = tmp_path / "send.py"
+    script.write_text(CELERY_CLIENT.format(module=client, unsigned=unsigned))
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=worker.env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:] + worker.text()[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[5, 8]"
+    wait_for(lambda: unsigned in worker.text(), 10, "the unsigned message to be logged")
+    refused = [line for line in worker.text().splitlines() if unsigned in line]
+    assert len(refused) == 1 and "Rejected" in refused[0] and "accept_content" in refused[0], refused
+
+
+def test_a_celeriac_client_signs_and_a_celery_worker_runs_it(
+        tls_redis: TLSRedis, signer: dict[str, str], tmp_path: Path, workers: list[Worker]) -> None:
+    pytest.importorskip("celery")
+    from celeriac.security import setup_security
+
+    url = tls_redis.url()
+    settings = {**signer, **_tls_settings(tls_redis)}
+    worker = Worker(tmp_path, url, url, template=SIGNED_CELERY, command="celery",
+                    args=("--without-gossip", "--without-mingle", "--without-heartbeat"), **settings)
+    workers.append(worker)
+    worker.wait_ready()
+    app = _client(url, url, worker.queue, task_serializer="auth", accept_content=["auth"], **settings)
+    setup_security(app)
+    try:
+        results = [app.send_task("tls.add", (i, 10)) for i in range(5)]
+        assert [r.get(timeout=30) for r in results] == [i + 10 for i in range(5)]
+    finally:
+        app.close()
+    assert "SecurityError" not in worker.text() and "tls.add" in worker.text()
