@@ -562,3 +562,13 @@ def test_a_celeriac_client_signs_and_a_celery_worker_runs_it(
     finally:
         app.close()
     assert "SecurityError" not in worker.text() and "tls.add" in worker.text()
+
+
+def test_errors_about_url_lists_mask_every_password() -> None:
+    """A Sentinel list's error names every URL with its password masked (and does not raise)."""
+    url = f"sentinel://:{PASSWORD}@h1:26379;sentinel://:{PASSWORD}@h2:26379/0"
+    with pytest.raises(ValueError, match="master_name") as info:
+        make_client(url)
+    assert PASSWORD not in str(info.value) and "sentinel://:**@h2:26379/0" in str(info.value)
+    assert PASSWORD not in describe_error(OSError("down"), url)
+    assert PASSWORD not in describe_error(OSError("down"), f"redis://:{PASSWORD}@h:notaport/0")

@@ -29,13 +29,12 @@ from celeriac.backends.base import (
     ChordEntry,
     ResultBackend,
 )
-from celeriac.broker.base import mask_url
 from celeriac.exceptions import (
     BrokerConnectionError,
     ImproperlyConfigured,
     TimeoutError,
 )
-from celeriac_redis.connection import TRANSIENT_ERRORS, describe_error, is_fatal, make_client
+from celeriac_redis.connection import TRANSIENT_ERRORS, describe_error, is_fatal, make_client, safe_url
 
 __all__ = ["RedisBackend"]
 
@@ -153,7 +152,7 @@ class RedisBackend(ResultBackend):
     @property
     def safe_url(self) -> str:
         """The URL with its password masked."""
-        return mask_url(self.url)
+        return safe_url(self.url)
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from redis.retry import Retry
 
 from celeriac.broker.base import mask_url
 
-__all__ = ["TRANSIENT_ERRORS", "RedisURL", "describe_error", "is_fatal", "make_client", "parse_url"]
+__all__ = ["TRANSIENT_ERRORS", "RedisURL", "describe_error", "is_fatal", "make_client", "parse_url", "safe_url"]
 
 #: Errors after which a retry may succeed (the server restarts, a failover happens ...).
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -49,6 +49,18 @@ _CERT_REQS = {
     "optional": ssl.CERT_OPTIONAL, "cert_optional": ssl.CERT_OPTIONAL,
     "none": ssl.CERT_NONE, "cert_none": ssl.CERT_NONE,
 }
+
+
+def safe_url(url: str) -> str:
+    """``url`` with every password masked, including each URL of a ``;``-separated list (Sentinel,
+    failover); a part that cannot be parsed is hidden whole."""
+    parts = []
+    for part in url.split(";"):
+        try:
+            parts.append(mask_url(part))
+        except ValueError:  # e.g. a port that is not a number
+            parts.append(part.split("://", 1)[0] + "://**")
+    return ";".join(parts)
 
 
 @dataclass
@@ -90,7 +102,7 @@ def parse_url(url: str) -> RedisURL:
     if scheme == "redis+socket":
         path = parts.path
         if not path:
-            raise ValueError(f"{mask_url(url)}: a redis+socket URL needs a socket path.")
+            raise ValueError(f"{safe_url(url)}: a redis+socket URL needs a socket path.")
         return RedisURL(scheme, url, socket_path=path, db=_db_from("", query), username=username,
                         password=password, query=query)
     if scheme == "sentinel":
@@ -106,7 +118,7 @@ def parse_url(url: str) -> RedisURL:
         return RedisURL(scheme, url, db=db, username=username, password=password,
                         sentinels=sentinels, query=query)
     if scheme not in ("redis", "rediss"):
-        raise ValueError(f"{mask_url(url)}: unsupported scheme {scheme!r} for the Redis plugin.")
+        raise ValueError(f"{safe_url(url)}: unsupported scheme {scheme!r} for the Redis plugin.")
     return RedisURL(scheme, url, host=parts.hostname or "localhost", port=parts.port or 6379,
                     db=_db_from(parts.path, query), username=username, password=password,
                     ssl=scheme == "rediss", query=query)
@@ -129,7 +141,7 @@ def _ssl_kwargs(parsed: RedisURL, ssl_options: Mapping[str, Any] | None) -> dict
         name = key if key.startswith("ssl_") else f"ssl_{key}"
         if name not in _SSL_KEYS:
             raise ValueError(
-                f"{mask_url(parsed.url)}: unknown TLS option {key!r}; known: {', '.join(_SSL_KEYS)}.")
+                f"{safe_url(parsed.url)}: unknown TLS option {key!r}; known: {', '.join(_SSL_KEYS)}.")
         given[name] = value
     for name in _SSL_KEYS:  # the URL query wins, as in Celery
         if name in parsed.query and name != "ssl_password":
@@ -138,14 +150,14 @@ def _ssl_kwargs(parsed: RedisURL, ssl_options: Mapping[str, Any] | None) -> dict
     reqs = kwargs.get("ssl_cert_reqs", ssl.CERT_REQUIRED)
     if isinstance(reqs, str):
         if reqs.lower() not in _CERT_REQS:
-            raise ValueError(f"{mask_url(parsed.url)}: ssl_cert_reqs must be required, optional or none, "
+            raise ValueError(f"{safe_url(parsed.url)}: ssl_cert_reqs must be required, optional or none, "
                              f"got {reqs!r}.")
         reqs = _CERT_REQS[reqs.lower()]
     kwargs["ssl_cert_reqs"] = reqs
     check = kwargs.get("ssl_check_hostname", reqs != ssl.CERT_NONE)
     if isinstance(check, str):
         if check.lower() not in _TRUE | _FALSE:
-            raise ValueError(f"{mask_url(parsed.url)}: ssl_check_hostname must be true or false, "
+            raise ValueError(f"{safe_url(parsed.url)}: ssl_check_hostname must be true or false, "
                              f"got {check!r}.")
         check = check.lower() in _TRUE
     kwargs["ssl_check_hostname"] = bool(check) and reqs != ssl.CERT_NONE
@@ -180,7 +192,7 @@ def make_client(url: str, options: Mapping[str, Any] | None = None,
         master_name = opts.get("master_name")
         if not master_name:
             raise ValueError(
-                f"{mask_url(url)}: a sentinel:// URL needs the master_name transport option, e.g. "
+                f"{safe_url(url)}: a sentinel:// URL needs the master_name transport option, e.g. "
                 "broker_transport_options={'master_name': 'mymaster'} (and the same in "
                 "result_backend_transport_options for results)."
             )
@@ -234,7 +246,7 @@ def is_fatal(exc: BaseException) -> bool:
 
 def describe_error(exc: BaseException, url: str) -> str:
     """One line saying why ``url`` cannot be used and what to do, with the password masked."""
-    where = mask_url(url)
+    where = safe_url(url)
     text = str(exc)
     tls = urlsplit(url.split(";", 1)[0]).scheme.lower() == "rediss"
     failure = _tls_failure(exc)
