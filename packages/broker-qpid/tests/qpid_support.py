@@ -53,6 +53,28 @@ def delete_queues(names: Iterable[str]) -> None:
             connection.close()
 
 
+def _pika_params() -> object:
+    import pika
+
+    parts = urlsplit(AMQP_URL)
+    vhost = unquote(parts.path[1:]) if parts.path not in ("", "/", "//") else "/"
+    return pika.ConnectionParameters(parts.hostname or "localhost", parts.port or 5672, vhost,
+                                     pika.PlainCredentials(parts.username or "guest", parts.password or "guest"))
+
+
+def declare_priority_queue(name: str, max_priority: int) -> None:
+    """Create ``name`` with ``x-max-priority`` over AMQP 0-9-1, as a user has to (AMQP 1.0
+    cannot). Skips the test without pika."""
+    import pytest
+
+    pika = pytest.importorskip("pika")
+    connection = pika.BlockingConnection(_pika_params())
+    try:
+        connection.channel().queue_declare(name, durable=True, arguments={"x-max-priority": max_priority})
+    finally:
+        connection.close()
+
+
 def ready_count(name: str) -> int | None:
     """Messages ready (not delivered to a consumer) in queue ``name``, asked over AMQP 0-9-1;
     None when it cannot be asked (no pika, server down)."""

@@ -212,6 +212,11 @@ class PlainDialect(Dialect):
 
     name = "plain"
 
+    def virtual_host(self, endpoint: Endpoint) -> str | None:
+        """The URL's virtual host (Broker-J selects one by it); none for ``/`` (the broker's
+        host name goes in the Open frame then, as Service Bus and Artemis expect)."""
+        return None if endpoint.vhost in (None, "/") else endpoint.vhost
+
     def queue(self, name: str) -> str:
         """The bare queue name."""
         return name

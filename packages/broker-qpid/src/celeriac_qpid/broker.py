@@ -138,14 +138,21 @@ class QpidBroker(Broker):
             assert queue.exchange is not None
             address, subject = self.dialect.exchange(queue.exchange.name, queue.binding_key)
             return Target(address, subject=subject, ttl=self._broadcast_ttl(queue.exchange.name))
-        return Target(self.dialect.queue(queue.name), durable=bool(queue.durable))
+        return Target(self._queue_address(queue), durable=bool(queue.durable))
+
+    def _queue_address(self, queue: Queue) -> str:
+        """A priority queue must exist already (AMQP 1.0 cannot give it ``x-max-priority``;
+        see the README): it is addressed as an existing queue, whatever its arguments."""
+        if queue.max_priority:
+            return self.dialect.existing_queue(queue.name)
+        return self.dialect.queue(queue.name)
 
     def _source(self, queue: Queue) -> Source:
         if self._emulated(queue):
             assert queue.exchange is not None
             address, pattern, caps = self.dialect.subscription(queue.exchange.name, queue.binding_key)
             return Source(queue.name, address, False, caps, pattern)
-        return Source(queue.name, self.dialect.queue(queue.name), bool(queue.durable))
+        return Source(queue.name, self._queue_address(queue), bool(queue.durable))
 
     def _targets(self, exchange: str, routing_key: str, queue: Queue | None) -> list[Target]:
         if queue is not None and queue.name:
@@ -200,8 +207,10 @@ class QpidBroker(Broker):
 
     def declare(self, queue: Queue) -> None:
         """Create ``queue`` on the broker (a sender link to its address; durable as declared)
-        and remember its binding for routing. Cached. Raises ``BrokerConnectionError`` when the
-        broker refuses the address."""
+        and remember its binding for routing. A queue with ``max_priority`` must exist already
+        (created with ``x-max-priority``: AMQP 1.0 cannot); it is checked. Cached. Raises
+        ``BrokerConnectionError`` when the broker refuses the address or the priority queue
+        does not exist."""
         if self._declared.get(queue.name) == queue:
             return
         previous = self._declared.get(queue.name)
@@ -209,6 +218,8 @@ class QpidBroker(Broker):
         if self._emulated(queue):
             return
         try:
+            if queue.max_priority:
+                self._check_priority_queue(queue)
             self.reactor.publish_attach(self._queue_target(queue), f"declare queue {queue.name!r}")
         except BaseException:
             if previous is None:
@@ -217,6 +228,20 @@ class QpidBroker(Broker):
                 self._declared[queue.name] = previous
             self._routes = {}
             raise
+
+    def _check_priority_queue(self, queue: Queue) -> None:
+        # A sender to /amq/queue/NAME attaches whether the queue exists or not (and RabbitMQ
+        # drops what is sent to a missing one): a receiver without credit checks it exists.
+        try:
+            QpidConsumer(self.reactor, [self._source(queue)], 0, False, self.options.attach_timeout,
+                         probe=True).close()
+        except BrokerConnectionError as exc:
+            reason = str(exc).split(f"{self.safe_url}: ", 1)[-1]
+            raise BrokerConnectionError(
+                f"Cannot use priority queue {queue.name!r} on {self.safe_url}: {reason}. AMQP 1.0 cannot "
+                "create a queue with x-max-priority: create it beforehand (for instance rabbitmqadmin "
+                f"declare queue name={queue.name} durable=true arguments='{{\"x-max-priority\": "
+                f"{queue.max_priority}}}'), or give the queue no max_priority.") from None
 
     def publish(self, message: Message, exchange: str, routing_key: str, *,
                 queue: Queue | None = None, not_before: float | None = None) -> None:
@@ -256,7 +281,7 @@ class QpidBroker(Broker):
         known = self._declared.get(queue)
         if known is not None and self._emulated(known):
             return 0
-        source = Source(queue, self.dialect.queue(queue) if known else self.dialect.existing_queue(queue),
+        source = Source(queue, self._queue_address(known) if known else self.dialect.existing_queue(queue),
                         bool(known.durable) if known else False)
         try:
             consumer = QpidConsumer(self.reactor, [source], 0, False, self.options.attach_timeout)

@@ -106,7 +106,9 @@ def parse(data: bytes) -> Any:
     parser does not read). Raises ``DecodeError`` when neither can read it."""
     try:
         return wire.parse_message(data)
-    except wire.WireError:
+    except wire.WireError as exc:
+        if not exc.unsupported:
+            raise DecodeError(f"not an AMQP 1.0 message: {exc}") from None
         raw = AMQPMessage()
         try:
             raw.decode(data)

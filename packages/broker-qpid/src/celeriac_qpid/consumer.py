@@ -81,11 +81,13 @@ class QpidConsumer(Consumer):
     """
 
     def __init__(self, reactor: Reactor, sources: list[Source], prefetch: int, no_ack: bool,
-                 attach_timeout: float) -> None:
+                 attach_timeout: float, *, probe: bool = False) -> None:
         self.reactor = reactor
         self.sources = sources
         self.prefetch = max(0, int(prefetch))
         self.no_ack = no_ack
+        #: attach without credit: only to see that the sources exist (then close)
+        self.probe = probe
         self._out: queue_mod.SimpleQueue[list[Delivery] | None] = queue_mod.SimpleQueue()
         self._held: deque[Delivery] = deque()
         self._batch: list[Delivery] = []
@@ -112,7 +114,8 @@ class QpidConsumer(Consumer):
             if self.error is not None or time.monotonic() > deadline:
                 reason = self.error or (
                     f"the broker did not attach {', '.join(s.address for s in sources)!r} within "
-                    f"{attach_timeout:.0f} s" if reactor.is_connected else
+                    f"{attach_timeout:.0f} s (does the queue exist? A priority queue must be created "
+                    "beforehand, with x-max-priority)" if reactor.is_connected else
                     (reactor.last_reason or "not connected"))
                 self.close()
                 raise BrokerConnectionError(f"Cannot consume from {reactor.safe_url}: {reason}")
@@ -221,7 +224,8 @@ class QpidConsumer(Consumer):
             reactor.receivers[name] = self
             link = reactor.container.create_receiver(session, source.address, name=name, options=options)
             self._add_link(name, source, link)
-            link.flow(share)
+            if not self.probe:
+                link.flow(share)
 
     def link_opened(self, link: Any) -> None:
         """A receiver was attached by the broker."""

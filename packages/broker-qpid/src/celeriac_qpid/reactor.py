@@ -628,7 +628,8 @@ class Reactor(Handler):  # type: ignore[misc]
                 # RabbitMQ 3.x leaves a refused attach unanswered (and the session unusable):
                 # fail the publishes waiting for it and start over on a new connection.
                 sender.error = (f"the broker did not attach address {sender.target.address!r} within "
-                                f"{self.options.attach_timeout:.0f} s (does the exchange or queue exist?)")
+                                f"{self.options.attach_timeout:.0f} s (does the exchange or queue exist? A "
+                                "priority queue must be created beforehand, with x-max-priority)")
                 self._fail_sender(sender)
                 if conn is not None:
                     self.last_reason = "address attach timed out"

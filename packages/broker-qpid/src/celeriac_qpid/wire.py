@@ -20,7 +20,12 @@ __all__ = ["Parsed", "WireError", "encode_message", "parse_message"]
 
 
 class WireError(ValueError):
-    """Bytes that are not an AMQP 1.0 message this module can read."""
+    """Bytes that are not an AMQP 1.0 message this module can read: broken (truncated,
+    malformed), or ``unsupported`` (valid AMQP this module does not decode; proton may)."""
+
+    def __init__(self, text: str, unsupported: bool = False) -> None:
+        super().__init__(text)
+        self.unsupported = unsupported
 
 
 _U32 = struct.Struct(">I")
@@ -231,7 +236,7 @@ def _read_as(code: int, data: bytes, pos: int) -> tuple[Any, int]:
             return bytes(data[pos:end]), end
         if code >= 0xB0 and kind in (0x01, 0x03):  # str32, sym32
             return bytes(data[pos:end]).decode("utf-8"), end
-        raise WireError(f"unknown constructor 0x{code:02x}")
+        raise WireError(f"unknown constructor 0x{code:02x}", unsupported=True)
     if code in (0xC0, 0xC1, 0xD0, 0xD1):
         if code < 0xD0:
             count = data[pos + 1]
@@ -258,7 +263,7 @@ def _read_as(code: int, data: bytes, pos: int) -> tuple[Any, int]:
             pos += 8
         element = data[pos]
         if element == 0x00:
-            raise WireError("arrays of described values are not read here")
+            raise WireError("arrays of described values are not read here", unsupported=True)
         pos += 1
         out = []
         for _ in range(count):
@@ -267,7 +272,7 @@ def _read_as(code: int, data: bytes, pos: int) -> tuple[Any, int]:
         return out, pos
     fixed = _FIXED.get(code)
     if fixed is None:
-        raise WireError(f"unknown constructor 0x{code:02x}")
+        raise WireError(f"unknown constructor 0x{code:02x}", unsupported=True)
     width, convert = fixed
     end = pos + width
     if end > len(data):
@@ -321,7 +326,7 @@ def parse_message(data: bytes) -> Parsed:
                 out.body = value
             elif descriptor not in (_DELIVERY_ANN, _MESSAGE_ANN, _FOOTER, "amqp:delivery-annotations:map",
                                     "amqp:message-annotations:map", "amqp:footer:map"):
-                raise WireError(f"unknown message section {descriptor!r}")
+                raise WireError(f"unknown message section {descriptor!r}", unsupported=True)
     except (IndexError, struct.error) as exc:
         raise WireError(f"truncated message: {exc}") from None
     if body:

@@ -1,0 +1,57 @@
+"""What RabbitMQ's AMQP 1.0 plugin can and cannot do for the capabilities the plugin does not
+declare (see the README): priorities work on a queue created beforehand with ``x-max-priority``,
+and a priority queue that does not exist is a clear error, not a silent FIFO queue."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from celeriac.broker.base import DELAY, PRIORITY, QUEUE_SIZE, BrokerConnectionError
+from celeriac.routing import Queue
+from celeriac.testing.broker_kit import make_message
+from qpid_support import declare_priority_queue, delete_queues, unique
+
+from celeriac_qpid import QpidBroker
+
+
+def test_declared_capabilities(broker: QpidBroker) -> None:
+    assert not broker.has(PRIORITY) and not broker.has(DELAY) and not broker.has(QUEUE_SIZE)
+
+
+def test_priorities_are_honoured_on_a_queue_created_with_x_max_priority(broker: QpidBroker) -> None:
+    name = unique("prio")
+    declare_priority_queue(name, 9)
+    try:
+        queue = Queue(name, max_priority=9)
+        broker.declare(queue)
+        sent = [("low-a", 0), ("mid-a", 3), ("high", 9), ("low-b", 0), ("mid-b", 6)]
+        for tag, priority in sent:
+            message = make_message(tag)
+            message.properties["priority"] = priority
+            broker.publish(message, "", name, queue=queue)
+        assert broker.flush(10)
+        time.sleep(0.3)  # the broker has them all before the first is taken
+        consumer = broker.consumer([queue], 1)
+        got = []
+        try:
+            deadline = time.monotonic() + 10
+            while len(got) < len(sent) and time.monotonic() < deadline:
+                for delivery in consumer.fetch(1, 0.5):
+                    got.append(delivery.message.headers["kit"])
+                    consumer.ack(delivery)
+        finally:
+            consumer.close()
+        assert got == ["high", "mid-b", "mid-a", "low-a", "low-b"]
+    finally:
+        delete_queues([name])
+
+
+def test_a_priority_queue_that_does_not_exist_is_one_clear_error(qpid_url: str) -> None:
+    broker = QpidBroker(qpid_url, {"broker_transport_options": {"attach_timeout": 1}})
+    try:
+        with pytest.raises(BrokerConnectionError) as info:
+            broker.declare(Queue(unique("noprio"), max_priority=5))
+        assert "x-max-priority" in str(info.value) and "guest:**@" in str(info.value)
+    finally:
+        broker.close()
