@@ -89,6 +89,7 @@ class RedisConsumer(Consumer):
         self._wake = threading.Event()
         self._due_hint: float | None = None
         self._can_park = not no_ack
+        self._peek = True  # BLMOVE available (Redis 6.2+); see _wait_for_message
         self._thread: threading.Thread | None = None
         if not no_ack:
             self._thread = threading.Thread(target=self._housekeeping, daemon=True,
@@ -160,34 +161,42 @@ class RedisConsumer(Consumer):
         items = self._run_fetch(keys, owners, limit)
         if items:
             return items
-        remaining = deadline - time.monotonic()
-        if remaining < 0.01:
-            return []
-        block = min(remaining, self.broker.polling_interval)
-        popped = self.broker.client.brpop(keys, timeout=block)
-        if not popped:
-            return []
-        key, popped_raw = popped
-        raw = popped_raw if isinstance(popped_raw, bytes) else str(popped_raw).encode("utf-8")
-        name = owners[keys.index(key.decode() if isinstance(key, bytes) else key)]
-        items = [(name, raw)]
-        # One round trip: record the popped message as unacked and fetch more behind it.
-        pipe = self.broker.client.pipeline(transaction=True)
-        recording = not self.no_ack and self._record(raw, pipe)
-        if limit > 1:
-            self._run_fetch(keys, owners, limit - 1, client=pipe)
-        if not recording and limit <= 1:
-            return items
-        try:
-            results = pipe.execute()
-        except TRANSIENT_ERRORS as exc:  # deliver it anyway: it is only in our memory now
-            self._can_park = False  # not in unacked, so it cannot be parked there
-            logger.warning("Could not record a fetched message as unacked (%s); it will not "
-                           "be redelivered if this worker dies before acking it.", exc)
-            return items
-        if limit > 1:
-            items.extend(self._parse_fetch(results[-1], owners))
-        return items
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining < 0.01:
+                return []
+            block = min(remaining, self.broker.polling_interval)
+            # Wait for a message without taking it, then take it with the atomic FETCH script
+            # (which records it as unacked in the same step). A BRPOP here lost the message when
+            # the connection broke after Redis popped it and before the reply arrived: it was
+            # in neither the queue nor ``unacked`` (found by faults/test_network.py).
+            self._wait_for_message(keys, block)
+            items = self._run_fetch(keys, owners, limit)
+            if items:
+                return items
+
+    def _wait_for_message(self, keys: list[str], block: float) -> None:
+        """Block up to ``block`` s until a queue may hold a message; take nothing.
+
+        ``BLMOVE key key RIGHT RIGHT`` pops the oldest message of ``key`` and pushes it back in
+        the same place, atomically: the list is unchanged whatever happens to the connection.
+        It waits on one list: the default-priority list of the first queue, where messages
+        without a priority go. With more lists than that (priorities, several queues) the wait
+        is cut to 0.1 s so the caller's FETCH also sees the others soon. Redis before 6.2 has
+        no BLMOVE: a 0.05 s sleep, then the caller polls again."""
+        if self._peek:
+            key = self.layout.queue_key(self.names[self._order[0]], 0)
+            wait = block if len(keys) == 1 else min(block, 0.1)
+            try:
+                self.broker.client.blmove(key, key, wait, "RIGHT", "RIGHT")
+                return
+            except TRANSIENT_ERRORS:
+                raise
+            except Exception as exc:  # "unknown command" on Redis < 6.2
+                if "unknown command" not in str(exc).lower():
+                    raise
+                self._peek = False
+        time.sleep(min(block, 0.05))
 
     def _run_fetch(self, keys: list[str], owners: list[str], limit: int,
                    client: Any = None) -> list[tuple[str, bytes]]:
@@ -212,20 +221,6 @@ class RedisConsumer(Consumer):
                 continue
             items.append((owners[index - 1], raw))
         return items
-
-    def _record(self, raw: bytes, pipe: Any) -> bool:
-        """Queue the unacked bookkeeping of a BRPOP-ed message on ``pipe``; False if none."""
-        try:
-            _, exchange, routing_key, tag, _ = decode_envelope(raw)
-        except CorruptEnvelope:
-            return False  # handled (dead-lettered) by _deliveries
-        if not tag:
-            return False
-        lay = self.layout
-        entry = b"[" + raw + b", " + json_dumps(exchange) + b", " + json_dumps(routing_key) + b"]"
-        pipe.zadd(lay.key(lay.unacked_index), {tag: time.time()})
-        pipe.hset(lay.key(lay.unacked), tag, entry)
-        return True
 
     def _deliveries(self, items: list[tuple[str, bytes]]) -> list[Delivery]:
         out: list[Delivery] = []
