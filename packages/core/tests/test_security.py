@@ -82,7 +82,7 @@ def test_mask_settings_hides_secret_keys_and_urls_at_any_depth() -> None:
 
 # -- certificates ------------------------------------------------------------------------------
 
-x509 = pytest.importorskip("cryptography.x509", reason="signed messages need cryptography (celeriac[auth])")
+NEEDS_CRYPTOGRAPHY = "signed messages need cryptography (celeriac[auth])"
 
 
 def _key() -> Any:
@@ -100,6 +100,7 @@ def _pem_key(key: Any, password: bytes | None = None) -> bytes:
 
 
 def _issue(subject: str, issuer: str, issuer_key: Any, key: Any, days: float = 1) -> Any:
+    from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import NameOID
 
@@ -122,6 +123,7 @@ def _pem_cert(cert: Any) -> bytes:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """``alice`` (trusted, in ``store/``), ``mallory`` (same CA, not trusted), and an expired cert."""
+    pytest.importorskip("cryptography", reason=NEEDS_CRYPTOGRAPHY)
     root = tmp_path_factory.mktemp("pki")
     ca_key = _key()
     out: dict[str, Any] = {"root": root}
