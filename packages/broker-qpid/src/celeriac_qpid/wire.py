@@ -244,10 +244,20 @@ def _read_as(code: int, data: bytes, pos: int) -> tuple[Any, int]:
         else:
             count = _U32.unpack_from(data, pos + 4)[0]
             pos += 8
-        items = []
-        for _ in range(count):
-            item, pos = _read(data, pos)
-            items.append(item)
+        items: list[Any] = []
+        append = items.append
+        for _ in range(count):  # the common element types inline: most of a message's values
+            element = data[pos]
+            if element == 0xA1 or element == 0xA3:
+                end = pos + 2 + data[pos + 1]
+                append(data[pos + 2:end].decode("utf-8"))
+                pos = end
+            elif element == 0x40:
+                append(None)
+                pos += 1
+            else:
+                item, pos = _read(data, pos)
+                append(item)
         if code in (0xC1, 0xD1):
             try:
                 return dict(zip(items[::2], items[1::2], strict=True)), pos
@@ -327,8 +337,10 @@ def parse_message(data: bytes) -> Parsed:
             elif descriptor not in (_DELIVERY_ANN, _MESSAGE_ANN, _FOOTER, "amqp:delivery-annotations:map",
                                     "amqp:message-annotations:map", "amqp:footer:map"):
                 raise WireError(f"unknown message section {descriptor!r}", unsupported=True)
-    except (IndexError, struct.error) as exc:
+    except (IndexError, struct.error, UnicodeDecodeError) as exc:
         raise WireError(f"truncated message: {exc}") from None
+    if pos != end:
+        raise WireError("truncated message")
     if body:
         out.body = body[0] if len(body) == 1 else b"".join(body)
     return out
