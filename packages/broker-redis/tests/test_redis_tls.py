@@ -420,10 +420,12 @@ def test_passwords_appear_nowhere(tls_redis_password: TLSRedis, tmp_path: Path, 
     workers.append(worker)
     worker.wait_ready()
     outputs: dict[str, str] = {}
-    dump = subprocess.Popen([str(VENV_BIN / "celeriac"), "-A", worker.name, "events", "--dump", "--timeout", "8"],
-                            cwd=worker.root, env=worker.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    time.sleep(2)
+    dump_log = tmp_path / "events-dump.log"
+    with open(dump_log, "wb") as out:
+        dump = subprocess.Popen([str(VENV_BIN / "celeriac"), "-A", worker.name, "events", "--dump", "--timeout",
+                                 "10"], cwd=worker.root, env=worker.env, stdout=out, stderr=subprocess.STDOUT)
+    wait_for(lambda: "Ready to capture" in dump_log.read_text(errors="replace") or dump.poll() is not None,
+             30, "events --dump to subscribe")
     app = _client(broker, backend, worker.queue, redis_backend_use_ssl={"ssl_ca_certs": server.certs["ca"]})
     try:
         assert app.send_task("tls.add", (1, 2)).get(timeout=20) == 3
@@ -432,7 +434,8 @@ def test_passwords_appear_nowhere(tls_redis_password: TLSRedis, tmp_path: Path, 
             failed.get(timeout=20)
     finally:
         app.close()
-    outputs["events --dump"] = dump.communicate(timeout=30)[0]
+    dump.wait(30)
+    outputs["events --dump"] = dump_log.read_text(errors="replace")
     outputs["inspect conf"] = _cli(worker, "inspect", "conf", "-j", "-t", "3")
     outputs["inspect stats"] = _cli(worker, "inspect", "stats", "-j", "-t", "3")
     wrong = "Wr0ng-pa55word"
