@@ -10,7 +10,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PEERS", "Record", "Row", "format_table", "summarize", "write_json"]
+__all__ = ["PEERS", "TARGETS", "Record", "Row", "format_table", "format_targets", "summarize", "target_rows",
+           "write_json"]
 
 
 @dataclasses.dataclass
@@ -172,6 +173,58 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+#: The figures of issue 13: (label, pool, workload, metric, peer, target, direction of the target).
+TARGETS = (
+    ("drain, threads x8 vs Celery", "threads", "drain", "tasks/s from start", "celery", 3.0, ">="),
+    ("drain, processes x2 vs Celery", "prefork", "drain", "tasks/s from start", "celery", 2.0, ">="),
+    ("drain, processes x2 vs Dramatiq", "prefork", "drain", "tasks/s from start", "dramatiq", 1.2, ">="),
+    ("drain, threads x8 vs Dramatiq", "threads", "drain", "tasks/s from start", "dramatiq", 1.5, ">="),
+    ("enqueue vs Celery", "-", "enqueue", "tasks/s", "celery", 2.0, ">="),
+    ("enqueue vs Dramatiq", "-", "enqueue", "tasks/s", "dramatiq", None, ">="),
+    ("round trip p50 vs Celery (threads)", "threads", "roundtrip", "p50", "celery", 0.5, "<="),
+    ("round trip p50 vs Celery (prefork)", "prefork", "roundtrip", "p50", "celery", 0.5, "<="),
+    ("round trip p50 vs Dramatiq (threads)", "threads", "roundtrip", "p50", "dramatiq", None, "<="),
+    ("chord vs Celery (threads)", "threads", "chord", "seconds", "celery", 0.33, "<="),
+)
+
+
+def target_rows(rows: list[Row], brokers: tuple[str, ...] = ("redis", "amqp")) -> list[dict[str, Any]]:
+    """Issue 13's figures: per broker the same-run ratio Celeriac/peer (median, range) and the verdict."""
+    by_key = {(r.broker, r.pool, r.workload, r.metric): r for r in rows}
+    out = []
+    for label, pool, workload, metric, peer, target, sense in TARGETS:
+        item: dict[str, Any] = {"figure": label, "target": None if target is None else f"{sense} {target}"}
+        for broker in brokers:
+            row = by_key.get((broker, pool, workload, metric))
+            stats = None if row is None else row.ratio_stats(peer)
+            met = None
+            if stats is not None and target is not None:
+                met = stats["median"] >= target if sense == ">=" else stats["median"] <= target
+            item[broker] = {"ratio": stats, "met": met}
+        out.append(item)
+    return out
+
+
+def format_targets(rows: list[Row]) -> str:
+    """The table of issue 13 (only the rows that were measured)."""
+    brokers = tuple(b for b in ("redis", "amqp") if any(r.broker == b for r in rows))
+    items = [i for i in target_rows(rows, brokers) if any(i[b]["ratio"] for b in brokers)]
+    if not items:
+        return ""
+    names = {"redis": "Redis", "amqp": "RabbitMQ"}
+    out = ["| figure | " + " | ".join(names[b] for b in brokers) + " | target |",
+           "|---|" + "---|" * len(brokers) + "---|"]
+    for item in items:
+        cells = []
+        for broker in brokers:
+            text = _fmt_ratio(item[broker]["ratio"])
+            if item[broker]["met"] is not None:
+                text += " met" if item[broker]["met"] else " **missed**"
+            cells.append(text)
+        out.append(f"| {item['figure']} | " + " | ".join(cells) + f" | {item['target'] or '-'} |")
+    return "\n".join(out)
+
+
 def write_json(path: Path, meta: dict[str, Any], records: list[Record], rows: list[Row],
                series: dict[str, Any] | None = None) -> None:
     """Write every record and the summary rows (with medians and ratios) to ``path``."""
@@ -185,6 +238,6 @@ def write_json(path: Path, meta: dict[str, Any], records: list[Record], rows: li
         item["advantage"] = row.advantage
         item["ratios"] = {p: row.ratio_stats(p) for p in PEERS if p in row.values}
         summary.append(item)
-    data = {"meta": meta, "summary": summary, "records": [dataclasses.asdict(r) for r in records],
-            "series": series or {}}
+    data = {"meta": meta, "summary": summary, "targets": target_rows(rows),
+            "records": [dataclasses.asdict(r) for r in records], "series": series or {}}
     path.write_text(json.dumps(data, indent=2) + "\n")

@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_apps import SIGNAL_LINE, SYSTEMS, write_apps  # noqa: E402
-from bench_report import Record, format_table, summarize, write_json  # noqa: E402
+from bench_report import Record, format_table, format_targets, summarize, write_json  # noqa: E402
 from bench_worker import DRAMATIQ_POOLS, POOL_CONCURRENCY, WorkerProcess  # noqa: E402
 
 WORKLOADS = ("drain", "enqueue", "roundtrip", "chord", "start", "raw")
@@ -531,6 +531,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"RabbitMQ server (default {DEFAULT_AMQP})")
     p.add_argument("--output", type=Path, default=HERE / "results" / "latest.json", help="JSON file to write")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (worker logs)")
+    p.add_argument("--report", type=Path, metavar="JSON",
+                   help="measure nothing: print the tables of an earlier run's JSON and redraw its plots")
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {"tasks": 300 if quick else 20000, "roundtrips": 100 if quick else 2000,
@@ -556,6 +558,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def report(path: Path) -> int:
+    """Print the tables of the JSON at ``path`` (and redraw its series' plots beside it)."""
+    data = json.loads(path.read_text())
+    rows = summarize(Record(**rec) for rec in data["records"])
+    meta = data["meta"]
+    print(f"{path}: {meta['date']}, commit {meta.get('commit', '?')}, {meta['args'].get('tasks')} tasks, "
+          f"{meta['args'].get('reps')} rep(s)\n")
+    if rows:
+        print(format_table(rows))
+        targets = format_targets(rows)
+        if targets:
+            print("\n" + targets)
+    for note in meta.get("notes", []):
+        print(f"note: {note}")
+    if data.get("series"):
+        from bench_series import format_series, plot_series
+
+        print("\n" + format_series(data["series"]))
+        for png in plot_series(data["series"], path):
+            print(f"plot: {png}")
+    return 0
+
+
 def wait_signal(worker: WorkerProcess, signal: Path, n: int, timeout: float) -> str | None:
     """Wait until the signal file holds ``n`` lines; None, or the error (worker died, timeout)."""
     deadline = time.monotonic() + timeout
@@ -574,6 +599,8 @@ def wait_signal(worker: WorkerProcess, signal: Path, n: int, timeout: float) -> 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; exit code 1 when any figure failed."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.report:
+        return report(args.report)
     bench = Bench(args)
     started = dt.datetime.now(dt.timezone.utc)
     log(f"run {bench.run_id}: brokers {','.join(args.brokers)}, pools {','.join(args.pools)}, "
@@ -614,6 +641,10 @@ def main(argv: list[str] | None = None) -> int:
               f"({meta['cpu']}), medians of {args.reps} rep(s) (range), {args.tasks} tasks; Celeriac/peer = median of "
               "the same-repetition ratios (range); for times lower is better for Celeriac, for rates higher.\n")
         print(format_table(rows))
+        targets = format_targets(rows)
+        if targets:
+            print("\nIssue 13's figures (same-run ratios Celeriac/peer: median (range), drain from process start):\n")
+            print(targets)
     for note in bench.notes:
         print(f"note: {note}")
     if bench.series:
