@@ -9,11 +9,13 @@ enqueue    tasks/s one client publishes ``--tasks`` ``noop.delay()`` at, until t
            confirmed by the broker (``app.close()`` waits for it); the first call is not timed.
 drain      the ``--tasks`` queued tasks, then ``celeriac worker -P threads -c 8`` started:
            tasks/s from the worker's process start to the last task executed (each task appends
-           its ``time.time()`` to a file).
+           its ``time.time()`` to a file); also from the first task executed to the last (the
+           worker's start-up left out, which weighs a lot on a loaded machine).
 roundtrip  ``--roundtrips`` sequential ``add.delay(2, 2).get()`` against that idle worker with
            ``rpc://`` results: p50, p90, p99 in ms.
 
-Medians over ``--reps`` repetitions (the protocols alternate first). Every queue is unique to
+Medians over ``--reps`` repetitions (the protocols alternate first); the machine's load average
+is printed with them, as other work on the machine moves every figure. Every queue is unique to
 the run and deleted at the end (over AMQP 0-9-1). Needs RabbitMQ with the ``rabbitmq_amqp1_0``
 plugin on 127.0.0.1:5672 (guest/guest) and the celeriac, celeriac-amqp, celeriac-qpid and
 celeriac-rpc packages installed.
@@ -126,6 +128,7 @@ def one_run(protocol: str, workdir: Path, tasks: int, roundtrips: int, timeout: 
                     raise RuntimeError(f"drain did not finish: {len(stamps)}/{tasks}")
                 time.sleep(0.1)
             figures["drain tasks/s (threads x8)"] = (tasks - 1) / (max(stamps) - started)
+            figures["  after the first task"] = (tasks - 1) / (max(stamps) - min(stamps))
             got = _client(ROUNDTRIP, workdir, env, str(roundtrips), timeout=timeout)
             figures.update({f"roundtrip {k} ms": v for k, v in got.items()})
         finally:
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
     args = parser.parse_args(argv)
     results: dict[str, dict[str, list[float]]] = {p: {} for p in URLS}
+    loads: list[float] = []
     with tempfile.TemporaryDirectory(prefix="amqp10bench-") as tmp:
         workdir = Path(tmp)
         (workdir / "amqp10bench.py").write_text(APP)
@@ -168,12 +172,13 @@ def main(argv: list[str] | None = None) -> int:
             order = list(URLS) if rep % 2 == 0 else list(reversed(URLS))
             for protocol in order:
                 print(f"rep {rep + 1}/{args.reps}: {protocol} ...", file=sys.stderr, flush=True)
+                loads.append(os.getloadavg()[0])
                 figures = one_run(protocol, workdir, args.tasks, args.roundtrips, args.timeout)
                 for key, value in figures.items():
                     results[protocol].setdefault(key, []).append(value)
     keys = list(results["amqp 1.0"])
     print(f"\n{args.tasks} tasks, {args.roundtrips} round trips, median of {args.reps}; "
-          f"RabbitMQ on 127.0.0.1:5672, {os.cpu_count()} CPUs\n")
+          f"RabbitMQ on 127.0.0.1:5672, {os.cpu_count()} CPUs, load average {min(loads):.1f}-{max(loads):.1f}\n")
     print(f"| {'metric':<28} | {'AMQP 0-9-1 (pika)':>18} | {'AMQP 1.0 (proton)':>18} |")
     print(f"|{'-' * 30}|{'-' * 20}|{'-' * 20}|")
     for key in keys:
