@@ -13,8 +13,9 @@ a remote-control reply queue bound to ``X`` is consumed; see :mod:`celeriac_qpid
 
 Capabilities: ``broadcast`` (remote control, events), ``reply_queues`` (``rpc://``) and
 ``batch``. Not declared: ``delay`` (AMQP 1.0 brokers differ; the worker holds ETA tasks),
-``priority`` (RabbitMQ 3.x cannot declare ``x-max-priority`` over AMQP 1.0) and
-``queue_size`` (AMQP 1.0 cannot count a queue).
+``priority`` (RabbitMQ 3.x cannot declare ``x-max-priority`` over AMQP 1.0: a queue with
+``max_priority`` must be created beforehand, and is then honoured) and ``queue_size`` (AMQP 1.0
+cannot count a queue).
 """
 
 from __future__ import annotations
