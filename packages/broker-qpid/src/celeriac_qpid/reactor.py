@@ -851,12 +851,13 @@ class Reactor(Handler):  # type: ignore[misc]
         return True
 
     def on_delivery(self, event: Any) -> None:
-        """Proton event: a delivery :meth:`_fast_delivery` declined (a receiver link that is
-        closing or unknown here): release it."""
+        """Proton event: a delivery the collector did not take the short way (a receiver link
+        that is closing or unknown here, which is released; or every delivery, should this
+        proton's container not have the collector :class:`_FastCollector` expects)."""
         delivery = event.delivery
-        if delivery.link.is_sender:
-            self._fast_delivery(delivery._impl)
-        elif delivery.readable and not delivery.partial:
+        if self._fast_delivery(delivery._impl):
+            return
+        if delivery.readable and not delivery.partial:
             delivery.link.recv(delivery.pending)
             delivery.link.advance()
             if not delivery.settled:

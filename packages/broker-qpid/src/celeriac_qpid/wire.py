@@ -46,6 +46,7 @@ def _str(text: str, small: int = 0xA1, big: int = 0xB1) -> bytes:
 
 
 _SYMBOLS: dict[str, bytes] = {}
+_KEYS: dict[str, bytes] = {}  # application property names: a handful, cached
 
 
 def _sym(text: str) -> bytes:
@@ -132,8 +133,16 @@ def encode_message(durable: bool, priority: int | None, ttl_ms: int | None, mess
     if fields:
         parts.append(b"\x00\x53\x73" + _compound(b"".join(fields), len(fields), 0xC0, 0xD0))
     if app:
-        items = [b"%s%s" % (_str(key), _value(value)) for key, value in app.items()]
-        parts.append(b"\x00\x53\x74" + _compound(b"".join(items), 2 * len(items), 0xC1, 0xD1))
+        items: list[bytes] = []
+        for key, value in app.items():
+            encoded = _KEYS.get(key)
+            if encoded is None:
+                encoded = _str(key)
+                if len(_KEYS) < 64:
+                    _KEYS[key] = encoded
+            items.append(encoded)
+            items.append(_str(value) if type(value) is str else _value(value))
+        parts.append(b"\x00\x53\x74" + _compound(b"".join(items), len(items), 0xC1, 0xD1))
     parts.append(b"\x00\x53\x75" + _bin(body))
     return b"".join(parts)
 
