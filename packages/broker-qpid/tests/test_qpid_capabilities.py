@@ -1,6 +1,7 @@
 """What RabbitMQ's AMQP 1.0 plugin can and cannot do for the capabilities the plugin does not
 declare (see the README): priorities work on a queue created beforehand with ``x-max-priority``,
-and a priority queue that does not exist is a clear error, not a silent FIFO queue."""
+and a priority queue that does not exist is a clear error, not a silent FIFO queue. Also: the
+plugin still works where its short way for deliveries cannot be installed."""
 
 from __future__ import annotations
 
@@ -55,3 +56,31 @@ def test_a_priority_queue_that_does_not_exist_is_one_clear_error(qpid_url: str) 
         assert "x-max-priority" in str(info.value) and "guest:**@" in str(info.value)
     finally:
         broker.close()
+
+
+def test_messages_flow_without_the_short_way_for_deliveries(qpid_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proton whose container does not have the collector the short way expects: every
+    delivery goes through proton's handler, and messages still arrive, once, and are acked."""
+    import celeriac_qpid.reactor
+
+    monkeypatch.setattr(celeriac_qpid.reactor, "Collector", type("OtherCollector", (), {}))
+    broker = QpidBroker(qpid_url, {})
+    queue = Queue(unique("slow-way"))
+    try:
+        broker.declare(queue)
+        for i in range(20):
+            broker.publish(make_message(f"m{i}"), "", queue.name, queue=queue)
+        assert broker.flush(10)
+        consumer = broker.consumer([queue], 5)
+        got: list[str] = []
+        deadline = time.monotonic() + 10
+        while len(got) < 20 and time.monotonic() < deadline:
+            for delivery in consumer.fetch(10, 0.5):
+                got.append(delivery.message.headers["kit"])
+                consumer.ack(delivery)
+        assert sorted(got) == sorted(f"m{i}" for i in range(20))
+        assert consumer.fetch(10, 0.5) == []
+        consumer.close()
+    finally:
+        broker.close()
+        delete_queues([queue.name])
