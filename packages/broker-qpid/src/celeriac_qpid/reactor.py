@@ -360,8 +360,10 @@ class Reactor(Handler):  # type: ignore[misc]
 
     @property
     def _inflight(self) -> int:
-        """Messages published and not yet settled by the broker (nor given up)."""
-        return self._published - self._done
+        """Messages published and not yet settled by the broker (nor given up). Read without
+        a lock: ``_done`` first, so that a concurrent update can only make it larger."""
+        done = self._done
+        return self._published - done
 
     def call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
         """Run ``fn`` on the reactor thread and return its result (re-raising its error)."""
@@ -651,7 +653,7 @@ class Reactor(Handler):  # type: ignore[misc]
         if self._closing:
             raise BrokerConnectionError(f"The broker {self.safe_url} was closed.")
         if not target.presettled:
-            if self._published - self._done >= self.options.confirm_window:
+            if self._inflight >= self.options.confirm_window:
                 self._wait_window(what)
             with self._count_lock:
                 self._published += 1
@@ -669,7 +671,7 @@ class Reactor(Handler):  # type: ignore[misc]
         with self._cond:
             self._waiting += 1
             try:
-                while self._published - self._done >= self.options.confirm_window:
+                while self._inflight >= self.options.confirm_window:
                     self._check_usable(what)
                     left = deadline - time.monotonic()
                     if left <= 0:
