@@ -18,6 +18,8 @@ BROKERS = [("sqlite", "Embedded SQLite (`sqlite://`)"), ("redis", "Redis (celeri
 def _cell(value: object) -> str:
     if value is None:
         return "-"
+    if isinstance(value, dict) and "tracebacks" in value:
+        return f"{value['tracebacks']} tracebacks/{value['problem_lines']} warning lines"
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
@@ -26,7 +28,7 @@ def _cell(value: object) -> str:
 def _notes(d: dict[str, object]) -> str:
     keys = ["noticed_s", "probe_detected_s", "ping_exit_stalled", "resets", "kills", "redelivered",
             "redelivery_delay_median_s", "redelivery_delay_max_s", "partition_s", "outage_s",
-            "lock_held_s", "completed_while_full", "refused", "log"]
+            "lock_held_s", "completed_while_full", "refused", "impatient_sent", "log"]
     parts = [f"{k}={_cell(d[k])}" for k in keys if d.get(k) not in (None, 0, [], {})]
     return ", ".join(parts)
 

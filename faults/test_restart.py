@@ -12,13 +12,27 @@ import time
 from pathlib import Path
 
 import pytest
-from faultkit import FULL, PrivateRabbit, PrivateRedis, Target, assert_calm, flow_for, size, target_conf, unique
+from celeriac import Celeriac
+from faultkit import (
+    FULL,
+    Flow,
+    PrivateRabbit,
+    PrivateRedis,
+    Target,
+    assert_calm,
+    flow_for,
+    size,
+    target_conf,
+    unique,
+)
 
 
-def _restart_redis(server: PrivateRedis, down: float) -> None:
-    server.shutdown_nosave()
-    time.sleep(down)
-    server.start()
+def _during_outage(flow: Flow, impatient: Celeriac, down: float) -> None:
+    """Sleep ``down`` s while a client that gives up after 0.5 s sends 3 tasks: each must
+    either be accepted (and then run) or raise a clear error."""
+    began = time.monotonic()
+    flow.extra["impatient_sent"] = flow.send(3, client=impatient)
+    time.sleep(max(0.0, down - (time.monotonic() - began)))
 
 
 @pytest.mark.parametrize("broker", ["redis", "amqp", "qpid"])
@@ -32,7 +46,9 @@ def test_broker_restart_during_flow(broker: str, tmp_path: Path, request: pytest
         target = Target("redis", server.url, server.port, target_conf("redis", unique()))
 
         def restart() -> None:
-            _restart_redis(server, down)
+            server.shutdown_nosave()
+            _during_outage(flow, impatient, down)
+            server.start()
         how = "SHUTDOWN NOSAVE, restart (appendonly yes, appendfsync always)"
     else:
         node: PrivateRabbit = request.getfixturevalue("rabbit")
@@ -43,11 +59,15 @@ def test_broker_restart_during_flow(broker: str, tmp_path: Path, request: pytest
         def restart() -> None:
             try:
                 node.stop_app()
-                time.sleep(down)
+                _during_outage(flow, impatient, down)
             finally:
                 node.start_app()
         how = "rabbitmqctl stop_app, start_app (private node)"
     with flow_for(tmp_path, target, "broker-restart") as flow:
+        options = {**target.conf.get("broker_transport_options", {}), "publish_retry_timeout": 0.5}
+        impatient = Flow.make_client(Target(broker, target.url, target.port,
+                                            {**target.conf, "broker_transport_options": options}))
+        request.addfinalizer(impatient.close)
         flow.worker("w1")
         rate = size(150.0, 400.0)
         sender = flow.send_in_thread(count, rate)
@@ -60,6 +80,6 @@ def test_broker_restart_during_flow(broker: str, tmp_path: Path, request: pytest
         figures = flow.finish(flow.first_done_after(back), outage_s=down, how=how)
         assert_calm(flow, events=2, per_event=6)
     assert figures["lost"] == 0, figures
-    assert figures["sent"] + figures["refused"] == count
+    assert figures["sent"] + figures["refused"] == count + 3
     for error in figures["refused_errors"]:  # a refusal must say what happened
         assert "BrokerConnectionError" in error, error
