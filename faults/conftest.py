@@ -16,10 +16,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from faultkit import PrivateRabbit, PrivateRedis, Target, target_conf, unique
-from proxy import FaultProxy
-
-NETWORK = ["redis", "amqp", "qpid"]
-ALL = ["sqlite", *NETWORK]
+from faultproxy import FaultProxy
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,9 @@ from celeriac import Celeriac
 FULL = os.environ.get("CELERIAC_FAULTS") == "full"
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+#: The brokers of the network scenarios (SQLite has no network), and all of them.
+NETWORK = ["redis", "amqp", "qpid"]
+ALL = ["sqlite", *NETWORK]
 HEARTBEAT = 2.0  # broker_heartbeat (AMQP, AMQP 1.0) and socket_timeout-ish bound for Redis, s
 
 

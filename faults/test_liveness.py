@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import NETWORK
-from faultkit import Flow, Target, Worker, flow_for, wait_until
-from proxy import FaultProxy
+from faultkit import NETWORK, Flow, Target, Worker, flow_for, wait_until
+from faultproxy import FaultProxy
 
 pytestmark = pytest.mark.parametrize("target", NETWORK, indirect=True)
 

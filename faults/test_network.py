@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import NETWORK
-from faultkit import FULL, HEARTBEAT, Target, assert_calm, flow_for, size
-from proxy import FaultProxy
+from faultkit import FULL, HEARTBEAT, NETWORK, Target, assert_calm, flow_for, size
+from faultproxy import FaultProxy
 
 pytestmark = pytest.mark.parametrize("target", NETWORK, indirect=True)
 

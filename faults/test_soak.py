@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ALL
-from faultkit import FULL, Target, flow_for, size
+from faultkit import ALL, FULL, Target, flow_for, size
 
 pytestmark = pytest.mark.parametrize("target", ALL, indirect=True)
 
