@@ -13,7 +13,9 @@ PACKAGES = sorted(p.parent for p in ROOT.glob("packages/*/pyproject.toml"))
 PACKAGES.sort(key=lambda p: p.name != "core")
 TEST_DEPS = ["pytest>=8", "celery==5.6.2", "redis>=5", "pika>=1.3", "mypy>=1.10", "ruff>=0.5", "flower>=2.0",
              # celeriac-kombu: kombu's SQLAlchemy transport on the machine's PostgreSQL
-             "sqlalchemy>=1.4.54,<2.2", "psycopg[binary]>=3.1", "kazoo>=2.9"]
+             "sqlalchemy>=1.4.54,<2.2", "psycopg[binary]>=3.1", "kazoo>=2.9",
+             # signed messages (celeriac[auth]) and the test CAs of the TLS tests
+             "cryptography>=41"]
 
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True

@@ -302,15 +302,13 @@ def test_a_worker_refuses_a_certificate_from_another_ca_with_one_clear_line(
     url = stunnel.url(user="guest", password=password)
     worker = Worker(tmp_path, url, broker_use_ssl={"ca_certs": stunnel.certs["other"]})
     workers.append(worker)
-    worker.wait_for("certificate verify failed")
-    time.sleep(2)
+    worker.wait_for("TLS certificate was refused")
+    assert worker.proc.wait(20) != 0  # retrying cannot fix a certificate: the worker stops
     text = worker.text()
     assert "Traceback" not in text, text
     assert password not in text
-    refused = [line for line in text.splitlines() if "certificate verify failed" in line]
-    assert refused and all(f"amqps://guest:**@localhost:{stunnel.port}//" in line for line in refused), text
+    refused = [line for line in text.splitlines() if "TLS certificate was refused" in line]
+    assert len(refused) == 1, text
+    assert f"amqps://guest:**@localhost:{stunnel.port}//" in refused[0]
+    assert "ca_certs" in refused[0]  # says what to do
     assert " ready." not in text
-    if worker.proc.poll() is not None:
-        assert worker.proc.returncode != 0
-    else:  # retried as a transient error, one line per attempt with a growing delay
-        assert len(refused) <= 3, text

@@ -1,8 +1,14 @@
 """``amqp://`` / ``amqps://`` / ``pyamqp://``: RabbitMQ through pika, with Celery's topology.
 
 Publishing uses one connection per publishing thread (pika is not thread-safe), with publisher
-confirms unless ``broker_transport_options={"confirm_publish": False}``: ``publish`` returns
-once RabbitMQ has taken responsibility for the message. A lost connection is reopened and the
+confirms unless ``broker_transport_options={"confirm_publish": False}``. Confirms are read as
+they arrive with a window (transport option ``confirm_window``, default 1000 unconfirmed
+messages per thread; 1 waits for each): ``publish`` waits only when the window is full, or for
+a message to an exchange this connection has not declared (so a missing exchange is reported to
+its caller). :meth:`AMQPBroker.flush` waits for every confirm of the calling thread; the worker
+calls it after each task (and before acking an ``acks_late`` one), ``close`` and the
+interpreter's exit call it too. A message whose confirm was lost with its connection or
+channel is published again on the next one (at least once). A lost connection is reopened and the
 publish retried with backoff for up to ``publish_retry_timeout`` seconds (transport option,
 default 30), so a client rides out a RabbitMQ restart. Consumers run in their own I/O thread
 (:mod:`celeriac_amqp.consumer`); delayed delivery is broker-side (:mod:`celeriac_amqp.delay`).
@@ -10,6 +16,7 @@ default 30), so a client rides out a RabbitMQ restart. Consumers run in their ow
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
@@ -39,6 +46,7 @@ from celeriac.protocol import Message, to_timestamp
 from celeriac.routing import Queue
 
 from celeriac_amqp import delay, fieldtable
+from celeriac_amqp.confirms import Unconfirmed
 from celeriac_amqp.consumer import (
     AMQPConsumer,
     AMQPSubscription,
@@ -167,6 +175,19 @@ def _thread_state(broker: AMQPBroker) -> Any:
     return threading.local()
 
 
+def _flush_at_exit(broker: AMQPBroker) -> None:
+    """At interpreter exit, wait for the confirms of the main thread's messages (a client that
+    calls ``delay()`` and exits without closing the app loses nothing)."""
+    ref = weakref.ref(broker)
+
+    def flush() -> None:
+        live = ref()
+        if live is not None and not live._closed and threading.current_thread() is threading.main_thread():
+            live._flush_quietly()
+
+    atexit.register(flush)
+
+
 def _forget_after_fork(broker: AMQPBroker) -> None:
     """In a forked child (prefork pools), drop the parent's connections without touching them:
     their sockets belong to the parent. The child opens its own at first use."""
@@ -194,6 +215,7 @@ class AMQPBroker(Broker):
         self.addresses = parse_url(url)
         opts = conf.get("broker_transport_options") or {}
         self.confirm_publish = bool(opts.get("confirm_publish", True))
+        self.confirm_window = max(1, int(opts.get("confirm_window", 1000)))
         self.publish_retry_timeout = float(opts.get("publish_retry_timeout", 30.0))
         self.retry_policy = RetryPolicy.from_conf(conf)
         heartbeat = conf.get("broker_heartbeat")
@@ -204,13 +226,16 @@ class AMQPBroker(Broker):
         self._consumers: set[AMQPConsumer] = set()
         self._closed = False
         _forget_after_fork(self)
+        _flush_at_exit(self)
 
     # -- connections --------------------------------------------------------------------------
 
     def _open_link(self, confirm: bool) -> Link:
         connection = open_connection(self.addresses, self.conf, self.safe_url)
         try:
-            return Link(connection, self.conf, confirm)
+            # Greenlets share links (a lease per call), so there every publish waits.
+            window = 1 if isinstance(self._local, _GreenLinks) else self.confirm_window
+            return Link(connection, self.conf, confirm, window)
         except BaseException:
             with contextlib.suppress(Exception):
                 connection.close()
@@ -230,6 +255,8 @@ class AMQPBroker(Broker):
         if self._closed:
             raise BrokerConnectionError(f"The broker {self.safe_url} was closed.")
         link = self._open_link(self.confirm_publish)
+        link.orphans = getattr(self._local, "orphans", None) or []
+        self._local.orphans = []
         self._local.link = link
         with self._lock:
             if isinstance(self._local, _GreenLinks):
@@ -250,6 +277,10 @@ class AMQPBroker(Broker):
         with self._lock:
             self._links.pop(id(link) if isinstance(self._local, _GreenLinks) else threading.get_ident(), None)
         if link is not None:
+            # What the lost link never confirmed goes out again on the next one.
+            lost = link.orphans + link.take_unconfirmed()
+            if lost:
+                self._local.orphans = (getattr(self._local, "orphans", None) or []) + lost
             link.close()
 
     def _call(self, what: str, op: Callable[[Link], T], retry_for: float | None = None) -> T:
@@ -312,6 +343,7 @@ class AMQPBroker(Broker):
         body = message.body
 
         def op(link: Link) -> None:
+            link.republish()
             if queue is not None:
                 link.declare_queue(queue)
             if not_before is not None:
@@ -322,12 +354,38 @@ class AMQPBroker(Broker):
                     if link.bind_delay_target(target):
                         props = build_properties(message, drop_expiration=True,
                                                  extra_headers={delay.TARGET_HEADER: target})
-                        link.channel.basic_publish(delay.entry_exchange(delay_ms),
-                                                   delay.routing_key(delay_ms), body, props)
+                        link.publish(Unconfirmed(delay.entry_exchange(delay_ms),
+                                                 delay.routing_key(delay_ms), body, props))
                         return
-            link.channel.basic_publish(exchange, routing_key, body, build_properties(message))
+            # An exchange this connection never declared may not exist: wait for the outcome.
+            link.publish(Unconfirmed(exchange, routing_key, body, build_properties(message)),
+                         wait=bool(exchange) and exchange not in link.exchanges)
 
         self._call(f"publish to {exchange or routing_key!r}", op)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until RabbitMQ confirmed every message this thread published (republishing
+        those whose connection was lost). No-op without confirms or when this thread published
+        nothing. Raises ``BrokerConnectionError`` when RabbitMQ refused any (negative confirm)
+        or could not be reached within ``timeout`` seconds (default ``publish_retry_timeout``)."""
+        link: Link | None = getattr(self._local, "link", None)
+        if link is None and not getattr(self._local, "orphans", None):
+            return
+        if link is not None and link.confirms is None:
+            return
+        wait = self.publish_retry_timeout if timeout is None else timeout
+
+        def op(link: Link) -> list[Unconfirmed]:
+            link.republish()
+            return link.wait_for_confirms(wait)
+
+        refused = self._call("wait for publisher confirms", op, retry_for=wait)
+        if refused:
+            raise BrokerConnectionError(
+                f"RabbitMQ refused {len(refused)} published message(s) (negative confirm), "
+                f"the first to exchange {refused[0].exchange!r} with routing key "
+                f"{refused[0].routing_key!r}; check the broker's log (a queue length limit with "
+                "overflow=reject-publish refuses messages this way).")
 
     def consumer(self, queues: Sequence[Queue], prefetch: int, *, no_ack: bool = False) -> Consumer:
         """Consume ``queues`` (declared first) with at most ``prefetch`` unacked deliveries
@@ -340,12 +398,20 @@ class AMQPBroker(Broker):
             self._consumers.add(consumer)
         return consumer
 
+    def _flush_quietly(self, timeout: float = 10.0) -> None:
+        try:
+            self.flush(timeout)
+        except BrokerConnectionError as exc:
+            logger.error("Some published messages may not have reached RabbitMQ: %s", exc)
+
     def _forget_consumer(self, consumer: AMQPConsumer) -> None:
         with self._lock:
             self._consumers.discard(consumer)
 
     def _passive(self, queue: str, action: Callable[[Link], int]) -> Callable[[Link], int]:
         def op(link: Link) -> int:
+            if link.confirms is not None:  # this thread's messages are in the count
+                link.confirms.wait(0)
             try:
                 return action(link)
             except pex.ChannelClosedByBroker as exc:
@@ -442,7 +508,10 @@ class AMQPBroker(Broker):
         return AMQPSubscription(self, exchange, pattern)
 
     def close(self) -> None:
-        """Close consumers and every publishing connection. Idempotent."""
+        """Wait for this thread's publisher confirms (up to 10 s; an error is logged), then
+        close consumers and every publishing connection. Idempotent."""
+        if not self._closed:
+            self._flush_quietly()
         self._closed = True
         with self._lock:
             consumers = list(self._consumers)

@@ -24,7 +24,8 @@ from celeriac.routing import Queue
 from pika.adapters.blocking_connection import BlockingChannel
 
 from celeriac_amqp import delay
-from celeriac_amqp.url import AMQPAddress, connection_parameters
+from celeriac_amqp.confirms import ConfirmWindow, Unconfirmed
+from celeriac_amqp.url import AMQPAddress, connection_parameters, tls_failure
 
 __all__ = [
     "TRANSIENT_ERRORS",
@@ -113,6 +114,9 @@ def open_connection(addresses: list[AMQPAddress], conf: Mapping[str, Any],
                 f"for user {address.user!r} (does it exist?): {_inner_text(exc)}"
             ) from None
         except (pex.AMQPError, OSError) as exc:
+            refused = tls_failure(exc)
+            if refused is not None:  # retrying cannot fix a refused certificate
+                raise FatalConnectionError(f"Cannot connect to {safe_url}: {refused}") from None
             last = exc
     reason = describe(last) if last is not None else "no address to connect to"
     raise BrokerConnectionError(f"Cannot connect to {safe_url}: {reason}")
@@ -204,15 +208,29 @@ def exchange_kind(name: str, conf: Mapping[str, Any]) -> tuple[str, bool]:
     return "topic", True
 
 
+def _describe_item(item: Unconfirmed) -> str:
+    headers = item.properties.headers or {}
+    task_id = headers.get("id") or item.properties.correlation_id
+    return f"{headers.get('task')}[{task_id}]" if headers.get("task") else str(task_id or "(no id)")
+
+
 class Link:
     """A connection, a (confirming) channel for publishing and declarations, a plain channel
-    for fire-and-forget broadcasts, and this connection's declaration cache. Not thread-safe."""
+    for fire-and-forget broadcasts, and this connection's declaration cache. Not thread-safe.
+
+    With ``confirm``, publishing keeps up to ``window`` messages unconfirmed
+    (:class:`~celeriac_amqp.confirms.ConfirmWindow`); ``window=1`` waits for every confirm."""
 
     def __init__(self, connection: pika.BlockingConnection, conf: Mapping[str, Any],
-                 confirm: bool) -> None:
+                 confirm: bool, window: int = 1) -> None:
         self.connection = connection
         self.conf = conf
         self.confirm = confirm
+        self.window = window
+        self.confirms: ConfirmWindow | None = None
+        #: Messages published on a channel that was lost before confirming them, to publish
+        #: again (:meth:`republish`).
+        self.orphans: list[Unconfirmed] = []
         self.channel: BlockingChannel = self._new_channel(confirm)
         self._plain: BlockingChannel | None = None
         self.declared: dict[str, Queue] = {}
@@ -226,15 +244,62 @@ class Link:
     def _new_channel(self, confirm: bool) -> BlockingChannel:
         channel = self.connection.channel()
         if confirm:
-            channel.confirm_delivery()
+            self.confirms = ConfirmWindow(self.connection, channel, self.window)
         return channel
 
     def reopen_channel(self) -> None:
-        """Replace the main channel (after RabbitMQ closed it)."""
+        """Replace the main channel (after RabbitMQ closed it); the messages published on the
+        old one and never confirmed become :attr:`orphans`."""
+        self.orphans += self.take_unconfirmed()
         with contextlib.suppress(Exception):
             if self.channel.is_open:
                 self.channel.close()
         self.channel = self._new_channel(self.confirm)
+
+    def republish(self, max_attempts: int = 3) -> None:
+        """Publish the :attr:`orphans` again (windowed); one published ``max_attempts`` times
+        already is given up with an error naming it. Raises pika's errors (the ones not yet
+        republished stay orphans)."""
+        while self.orphans:
+            item = self.orphans[0]
+            if item.attempts >= max_attempts:
+                self.orphans.pop(0)
+                logger.error("Giving up message %s to exchange %r (routing key %r): its channel "
+                             "was lost %d times before RabbitMQ confirmed it.", _describe_item(item),
+                             item.exchange, item.routing_key, item.attempts)
+                continue
+            item.attempts += 1
+            self.publish(item)
+            self.orphans.pop(0)
+
+    def publish(self, item: Unconfirmed, *, wait: bool = False) -> None:
+        """Publish on the main channel: with confirms, return once fewer than ``window``
+        messages are unconfirmed (``wait``: once all are confirmed). Raises pika's errors."""
+        if self.confirms is None:
+            self.channel.basic_publish(item.exchange, item.routing_key, item.body, item.properties)
+        else:
+            self.confirms.publish(item, wait=wait)
+        self.last_used = time.monotonic()
+
+    def wait_for_confirms(self, timeout: float = 30.0) -> list[Unconfirmed]:
+        """Wait until every message published on this link is confirmed; return (and forget)
+        the ones RabbitMQ refused (``basic.nack``). Raises pika's errors."""
+        if self.confirms is None:
+            return []
+        self.confirms.wait(0, timeout)
+        refused, self.confirms.nacked = self.confirms.nacked, []
+        return refused
+
+    def take_unconfirmed(self) -> list[Unconfirmed]:
+        """Forget and return the messages published and not confirmed yet (the link is being
+        dropped; the confirms of the ones the socket still holds are read first)."""
+        if self.confirms is None:
+            return []
+        with contextlib.suppress(Exception):
+            if self.connection.is_open and self.confirms.pending:
+                self.connection.process_data_events(0)
+        refused, self.confirms.nacked = self.confirms.nacked, []
+        return refused + self.confirms.take_unconfirmed()
 
     def plain_channel(self) -> BlockingChannel:
         """A channel without publisher confirms, for broadcasts."""

@@ -189,6 +189,18 @@ class Celeriac:
                     self._backend = create_backend(url, self.conf)
         return self._backend
 
+    def setup_security(self, allowed_serializers: Any = None, key: str | None = None,
+                       key_password: str | bytes | None = None, cert: str | None = None,
+                       store: str | None = None, digest: str | None = None,
+                       serializer: str = "json") -> Any:
+        """Sign task messages and accept only signed ones, as Celery's ``app.setup_security``:
+        see :func:`celeriac.security.setup_security` (arguments, settings, errors). Needs
+        ``pip install 'celeriac[auth]'``."""
+        from celeriac.security import setup_security
+
+        return setup_security(self, allowed_serializers, key=key, key_password=key_password,
+                              cert=cert, store=store, digest=digest, serializer=serializer)
+
     def close(self) -> None:
         """Close the broker and backend connections of this process."""
         with self._lock:

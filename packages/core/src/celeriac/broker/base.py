@@ -30,7 +30,6 @@ import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
-from urllib.parse import urlsplit, urlunsplit
 
 from celeriac.exceptions import BrokerConnectionError
 from celeriac.protocol import Message
@@ -60,18 +59,11 @@ BATCH = "batch"
 
 
 def mask_url(url: str) -> str:
-    """Return ``url`` with its password replaced by ``**``, for logs and banners."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"{user}:**@{host}", parts.path, parts.query, parts.fragment))
+    """Return ``url`` with every password replaced by ``**``, for logs and banners (failover
+    lists and Sentinel lists included; see :func:`celeriac.security.mask_url`). Never raises."""
+    from celeriac.security import mask_url as mask  # security imports serialization: lazily
+
+    return mask(url)
 
 
 @dataclass(slots=True)
@@ -181,6 +173,16 @@ class Broker(abc.ABC):
         Unix timestamp before which the message must not be delivered; brokers that declare
         ``delay`` honour it, others ignore it (the worker holds the message). Thread-safe.
         Raises ``BrokerConnectionError`` when the message could not be handed to the broker.
+        """
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until the broker has taken responsibility for every message the calling thread
+        published (a broker that confirms publishes with a window, like RabbitMQ's, may return
+        from :meth:`publish` before that). Default: nothing to wait for.
+
+        The worker calls it after each task and before acknowledging an ``acks_late`` task, so
+        what a task sent is safe before its own message goes. Raises ``BrokerConnectionError``
+        when the broker refused a message or could not be reached within ``timeout`` seconds.
         """
 
     @abc.abstractmethod

@@ -51,8 +51,11 @@ class Tracer:
     # -- acknowledgement ----------------------------------------------------------------------
 
     def ack(self, request: Request) -> None:
-        """Ack the request's message once."""
+        """Ack the request's message once (an ``acks_late`` one after what the task published
+        is confirmed)."""
         if not request.acked:
+            if request.acks_late:
+                self.flush_published(request)
             request.acked = True
             if self.consumer is None:  # in a pool process: the parent applies the decision
                 request.outcome = "ack"
@@ -104,7 +107,20 @@ class Tracer:
             # A final state whatever the path, so get() does not hang (a stored SUCCESS is kept).
             self.store(request, states.FAILURE, exc, tb.format_exc())
             self.reject(request, requeue=False)
+        self.flush_published(request)
         return request
+
+    def flush_published(self, request: Request) -> None:
+        """Wait until the broker took what this thread published for ``request`` (results,
+        retries, callbacks); a failure is logged with the task id. Never raises."""
+        broker = self.app._broker
+        if broker is None:
+            return
+        try:
+            broker.flush()
+        except Exception as exc:
+            logger.error("Messages published by task %s[%s] may not have reached the broker: %s",
+                         request.name, request.id, exc)
 
     def _run(self, request: Request) -> None:
         task = request.task

@@ -234,7 +234,7 @@ class Worker:
                 return True
             except BrokerConnectionError as exc:
                 attempt += 1
-                reason = str(exc)
+                reason = str(exc).removeprefix("Cannot connect to ")
                 url = mask_url(self.app.broker_url)
                 if url not in reason:
                     reason = f"{url}: {reason}"
