@@ -45,7 +45,7 @@ from celeriac.broker.base import (
 from celeriac.protocol import Message, to_timestamp
 from celeriac.routing import Queue
 
-from celeriac_amqp import delay, fieldtable
+from celeriac_amqp import delay, fastcodec, fieldtable
 from celeriac_amqp.confirms import Unconfirmed
 from celeriac_amqp.consumer import (
     AMQPConsumer,
@@ -75,6 +75,7 @@ T = TypeVar("T")
 _RETRYABLE: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, BrokerConnectionError)
 
 fieldtable.install()
+fastcodec.install()
 
 # pika logs every lost connection with a traceback at ERROR level; this plugin reports
 # connection problems itself, in one line. Set the "pika" logger's level to see pika's own.
