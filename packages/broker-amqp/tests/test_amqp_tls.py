@@ -11,7 +11,6 @@ certificate does not list is refused. The tests skip, saying why, when stunnel i
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import shutil
 import signal
@@ -30,6 +29,7 @@ import pika
 import pytest
 from celeriac import Celeriac
 from celeriac.exceptions import ImproperlyConfigured
+from celeriac.testing.tls import make_certificates
 
 from celeriac_amqp import AMQPBroker
 from celeriac_amqp.url import connection_parameters, parse_url, tls_failure
@@ -38,62 +38,6 @@ x509 = pytest.importorskip("cryptography.x509", reason="the TLS tests make certi
 
 CELERIAC = [sys.executable, "-m", "celeriac.cli.main"]
 
-
-# -- certificates (the same small helper as the Redis plugin's TLS test) ------------------------
-
-def _new_key() -> Any:
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def _save(path: Path, key: Any, cert: Any) -> None:
-    from cryptography.hazmat.primitives import serialization
-
-    path.with_suffix(".key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption()))
-    path.with_suffix(".key").chmod(0o600)
-    path.with_suffix(".pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-
-def _cert(subject: str, issuer: Any, issuer_key: Any, key: Any, *, ca: bool,
-          names: tuple[str, ...] = ()) -> Any:
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.timezone.utc)
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-               .issuer_name(issuer or x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if ca:
-        builder = builder.add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-            encipher_only=False, decipher_only=False), critical=True)
-        builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                                        critical=False)
-    else:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName(n) for n in names]), critical=False)
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def make_certificates(root: Path) -> dict[str, str]:
-    """``ca.pem``, an unrelated ``other.pem`` CA, and ``server.pem``/``.key`` for ``localhost``."""
-    ca_key, other_key, server_key = _new_key(), _new_key(), _new_key()
-    ca = _cert("Celeriac Test CA", None, ca_key, ca_key, ca=True)
-    other = _cert("Some Other CA", None, other_key, other_key, ca=True)
-    server = _cert("localhost", ca.subject, ca_key, server_key, ca=False, names=("localhost",))
-    _save(root / "ca", ca_key, ca)
-    _save(root / "other", other_key, other)
-    _save(root / "server", server_key, server)
-    return {name: str(root / f"{name}.pem") for name in ("ca", "other", "server")}
 
 
 # -- stunnel in front of RabbitMQ --------------------------------------------------------------

@@ -10,7 +10,6 @@ one line naming the URL (password masked) and saying what to do.
 
 from __future__ import annotations
 
-import datetime as dt
 import gc
 import os
 import shutil
@@ -30,6 +29,7 @@ from redis_support import wait_for
 
 from celeriac import Celeriac
 from celeriac.exceptions import BrokerConnectionError
+from celeriac.testing.tls import issue, make_certificates, new_key, save
 from celeriac_redis.backend import RedisBackend
 from celeriac_redis.connection import describe_error, is_fatal, make_client
 
@@ -38,63 +38,6 @@ x509 = pytest.importorskip("cryptography.x509", reason="the TLS tests make certi
 VENV_BIN = Path(sys.executable).parent
 PASSWORD = "tls-s3cret-pw"
 
-
-# -- certificates ------------------------------------------------------------------------------
-
-def _new_key() -> Any:
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def _save(path: Path, key: Any, cert: Any) -> None:
-    from cryptography.hazmat.primitives import serialization
-
-    path.with_suffix(".key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption()))
-    path.with_suffix(".key").chmod(0o600)
-    path.with_suffix(".pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-
-def _cert(subject: str, issuer: Any, issuer_key: Any, key: Any, *, ca: bool,
-          names: tuple[str, ...] = ()) -> Any:
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.timezone.utc)
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-               .issuer_name(issuer or x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if ca:
-        builder = builder.add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-            encipher_only=False, decipher_only=False), critical=True)
-        builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                                        critical=False)
-    else:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName(n) for n in names]), critical=False)
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def make_certificates(root: Path) -> dict[str, str]:
-    """``ca.pem`` (the CA), ``other.pem`` (an unrelated CA) and ``server.pem``/``server.key``
-    (for ``localhost`` only, signed by ``ca``)."""
-    ca_key, other_key, server_key = _new_key(), _new_key(), _new_key()
-    ca = _cert("Celeriac Test CA", None, ca_key, ca_key, ca=True)
-    other = _cert("Some Other CA", None, other_key, other_key, ca=True)
-    server = _cert("localhost", ca.subject, ca_key, server_key, ca=False, names=("localhost",))
-    _save(root / "ca", ca_key, ca)
-    _save(root / "other", other_key, other)
-    _save(root / "server", server_key, server)
-    return {name: str(root / f"{name}.pem") for name in ("ca", "other", "server")}
 
 
 # -- the private TLS server --------------------------------------------------------------------
@@ -468,10 +411,10 @@ def test_passwords_appear_nowhere(tls_redis_password: TLSRedis, tmp_path: Path, 
 def signer(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A signing key and certificate (issued by a CA of its own) and a store that trusts it."""
     root = tmp_path_factory.mktemp("signer")
-    ca_key, key = _new_key(), _new_key()
-    ca = _cert("Signing CA", None, ca_key, ca_key, ca=True)
-    cert = _cert("alice", ca.subject, ca_key, key, ca=False, names=("alice",))
-    _save(root / "alice", key, cert)
+    ca_key, key = new_key(), new_key()
+    ca = issue("Signing CA", None, ca_key, ca_key, ca=True)
+    cert = issue("alice", ca.subject, ca_key, key, ca=False, names=("alice",))
+    save(root / "alice", key, cert)
     (root / "store").mkdir()
     (root / "store" / "alice.pem").write_bytes((root / "alice.pem").read_bytes())
     return {"security_key": str(root / "alice.key"), "security_certificate": str(root / "alice.pem"),
