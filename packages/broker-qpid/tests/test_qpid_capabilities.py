@@ -31,7 +31,7 @@ def test_priorities_are_honoured_on_a_queue_created_with_x_max_priority(broker: 
             message = make_message(tag)
             message.properties["priority"] = priority
             broker.publish(message, "", name, queue=queue)
-        assert broker.flush(10)
+        broker.flush(10)
         time.sleep(0.3)  # the broker has them all before the first is taken
         consumer = broker.consumer([queue], 1)
         got = []
@@ -70,7 +70,7 @@ def test_messages_flow_without_the_short_way_for_deliveries(qpid_url: str, monke
         broker.declare(queue)
         for i in range(20):
             broker.publish(make_message(f"m{i}"), "", queue.name, queue=queue)
-        assert broker.flush(10)
+        broker.flush(10)
         consumer = broker.consumer([queue], 5)
         got: list[str] = []
         deadline = time.monotonic() + 10
@@ -84,3 +84,41 @@ def test_messages_flow_without_the_short_way_for_deliveries(qpid_url: str, monke
     finally:
         broker.close()
         delete_queues([queue.name])
+
+
+def test_flush_waits_for_what_each_thread_published(broker: QpidBroker) -> None:
+    """``flush()`` (the worker calls it after each task): once it returned in a thread, what
+    that thread published is on the broker, for another connection to read."""
+    import threading
+
+    queue = Queue(unique("flush"))
+    broker.declare(queue)
+    errors: list[BaseException] = []
+
+    def publish(prefix: str) -> None:
+        try:
+            for i in range(200):
+                broker.publish(make_message(f"{prefix}{i}"), "", queue.name, queue=queue)
+            broker.flush(30)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish, args=(p,)) for p in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    reader = QpidBroker(broker.url, {})
+    try:
+        consumer = reader.consumer([queue], 0)
+        got: set[str] = set()
+        deadline = time.monotonic() + 10
+        while len(got) < 400 and time.monotonic() < deadline:
+            for delivery in consumer.fetch(500, 0.5):
+                got.add(delivery.message.headers["kit"])
+                consumer.ack(delivery)
+        consumer.close()
+    finally:
+        reader.close()
+    assert got == {f"{p}{i}" for p in "ab" for i in range(200)}

@@ -259,10 +259,15 @@ class QpidBroker(Broker):
         for target in targets:
             reactor.publish(target, codec.encode(message, target.subject, target.ttl), what)
 
-    def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until the broker settled every message published so far; False on timeout."""
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until the broker settled every message the calling thread published (up to
+        ``timeout`` s, default ``publish_retry_timeout``). Raises ``BrokerConnectionError`` when
+        the broker rejected or could not take one of them, or did not confirm them in time.
+        Thread-safe."""
         reactor = self._reactor
-        return True if reactor is None else reactor.flush(timeout)
+        if reactor is None or self._pid != os.getpid():
+            return
+        reactor.flush_thread(self.options.publish_timeout if timeout is None else timeout)
 
     def consumer(self, queues: Sequence[Queue], prefetch: int, *, no_ack: bool = False) -> Consumer:
         """Consume ``queues`` with at most ``prefetch`` unsettled deliveries (0 = no limit),

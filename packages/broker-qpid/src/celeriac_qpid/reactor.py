@@ -170,12 +170,15 @@ class Attachment(Protocol):
 
 @dataclass(slots=True)
 class _Out:
-    """One message on its way to the broker."""
+    """One message on its way to the broker; ``done`` once the broker settled it (or it was
+    given up, ``error`` saying why), set on the reactor thread."""
 
     target: Target
     data: bytes
     seq: int
     tries: int = 0
+    done: bool = False
+    error: str | None = None
 
 
 #: How often a message is sent again after the broker detached a sender link that used to work.
@@ -278,7 +281,7 @@ class Reactor(Handler):  # type: ignore[misc]
         collector = getattr(self.container, "_collector", None)
         if type(collector) is Collector:  # a proton whose container we know: deliveries the short way
             collector.__class__ = _FastCollector
-            collector.fast = self._fast_delivery
+            collector.fast = self._fast_delivery  # type: ignore[attr-defined]
         #: receiver link (C pointer) -> its consumer, for the short way of deliveries
         self.fast_receivers: dict[Any, Any] = {}
         self._polling = False
@@ -314,6 +317,7 @@ class Reactor(Handler):  # type: ignore[misc]
         self._seq = itertools.count(1)
         self._cond = threading.Condition()
         self._count_lock = threading.Lock()
+        self._local = threading.local()
         self._published = 0  # tracked (unsettled) publishes so far; under _count_lock
         self._done = 0  # of those, settled by the broker or given up; reactor thread only
         self._waiting = 0
@@ -652,12 +656,16 @@ class Reactor(Handler):  # type: ignore[misc]
         """
         if self._closing:
             raise BrokerConnectionError(f"The broker {self.safe_url} was closed.")
+        out = _Out(target, data, next(self._seq))
         if not target.presettled:
             if self._inflight >= self.options.confirm_window:
                 self._wait_window(what)
             with self._count_lock:
                 self._published += 1
-        out = _Out(target, data, next(self._seq))
+            mine = self._mine()
+            while mine and mine[0].done and mine[0].error is None:  # confirmed: forget
+                mine.popleft()
+            mine.append(out)
         if target in self._attached_targets:
             self._outbox.append(out)  # sent by the reactor in batches (see _run_work)
             if not self._wake_pending:
@@ -963,6 +971,7 @@ class Reactor(Handler):  # type: ignore[misc]
                 retry.append(out)
             else:
                 del self._unsettled[seq]
+                out.done, out.error = True, sender.error or "not delivered"
                 dropped += 1
         if dropped:
             self._release(dropped)
@@ -1025,6 +1034,7 @@ class Reactor(Handler):  # type: ignore[misc]
             if presettled:
                 pn_delivery_settle(delivery)
                 if unsettled.pop(out.seq, None) is not None:
+                    out.done = True
                     released += 1
             else:
                 by_tag[tag] = out.seq
@@ -1048,12 +1058,53 @@ class Reactor(Handler):  # type: ignore[misc]
         del self._unsettled[seq]
         if outcome == "rejected":
             condition = getattr(Delivery.wrap(delivery).remote, "condition", None)
+            out.error = f"the broker rejected a message for {out.target.address!r} ({describe(condition)})"
             logger.error("The broker rejected a message for %s (%s).", out.target.address, describe(condition))
+        out.done = True
         self._done += 1  # waiting publishers are woken once per reactor iteration
 
     def _release(self, count: int) -> None:
         """Reactor thread: ``count`` tracked messages are settled or given up."""
         self._done += count
+
+    def _mine(self) -> deque[_Out]:
+        """The calling thread's tracked messages not known to be confirmed (see flush_thread)."""
+        mine: deque[_Out] | None = getattr(self._local, "outs", None)
+        if mine is None:
+            mine = self._local.outs = deque()
+        return mine
+
+    def flush_thread(self, timeout: float) -> None:
+        """Wait until the broker settled every message the calling thread published.
+
+        Raises ``BrokerConnectionError`` when the broker rejected one of them, when one was
+        given up (its address refused), when the connection was given up, or when some are
+        still unconfirmed after ``timeout`` seconds. Thread-safe (each thread waits for its own).
+        """
+        mine = self._mine()
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._waiting += 1
+            try:
+                while True:
+                    while mine and mine[0].done and mine[0].error is None:
+                        mine.popleft()
+                    pending = sum(1 for out in mine if not out.done)
+                    if not pending:
+                        break
+                    self._check_usable("wait for confirmations")
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise BrokerConnectionError(
+                            f"{pending} message(s) published to {self.safe_url} were not confirmed within "
+                            f"{timeout:.0f} s ({self.last_reason or 'broker not answering'}).")
+                    self._cond.wait(min(left, 0.5))
+            finally:
+                self._waiting -= 1
+        errors = [out.error for out in mine if out.error]
+        mine.clear()
+        if errors:
+            raise BrokerConnectionError(f"{len(errors)} message(s) were not taken by {self.safe_url}: {errors[0]}")
 
     def flush(self, timeout: float) -> bool:
         """Wait until the broker settled every message published so far (or ``timeout``).

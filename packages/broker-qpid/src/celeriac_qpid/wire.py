@@ -208,7 +208,7 @@ _FIXED: dict[int, tuple[int, Any]] = {
     0x83: (8, lambda b: int.from_bytes(b, "big", signed=True)),  # timestamp, ms
     0x98: (16, lambda b: uuid.UUID(bytes=bytes(b))),
 }
-_EMPTY = {0x40: None, 0x41: True, 0x42: False, 0x43: 0, 0x44: 0, 0x45: []}
+_EMPTY: dict[int, Any] = {0x40: None, 0x41: True, 0x42: False, 0x43: 0, 0x44: 0, 0x45: []}
 
 
 def _read(data: bytes, pos: int) -> tuple[Any, int]:
