@@ -98,8 +98,19 @@ def test_half_open_connection(target: Target, proxy: FaultProxy, tmp_path: Path,
     assert noticed <= 2 * HEARTBEAT + 1.5, f"noticed after {noticed} s, heartbeat {HEARTBEAT} s"
 
 
-def test_partition_heals(target: Target, proxy: FaultProxy, tmp_path: Path) -> None:
+AMQP_HANDSHAKE_TIMEOUT = (
+    "celeriac-amqp: while the network is partitioned, reconnecting gets a TCP connection whose AMQP "
+    "handshake times out; pika raises AMQPConnectorStackTimeout, which the consumer does not "
+    "treat as a connection error: it logs 'Unexpected error in the AMQP consumer ...; reconnecting' "
+    "with a full traceback at every attempt (4 tracebacks in a 30 s partition). It recovers and "
+    "loses nothing; only the full form's partition is long enough to get there")
+
+
+def test_partition_heals(target: Target, proxy: FaultProxy, tmp_path: Path,
+                         request: pytest.FixtureRequest) -> None:
     seconds = 30.0 if FULL else 5.0
+    if target.name == "amqp" and FULL:
+        request.applymarker(pytest.mark.xfail(reason=AMQP_HANDSHAKE_TIMEOUT, strict=True))
     with flow_for(tmp_path, target, f"partition-{seconds:.0f}s") as flow:
         flow.worker("w1", target.proxied(proxy.port))
         sender = flow.send_in_thread(size(400, 3000), size(50, 60))
