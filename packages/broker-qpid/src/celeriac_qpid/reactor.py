@@ -1,16 +1,22 @@
 """The proton Container that owns one AMQP 1.0 connection, in its own thread.
 
 Every proton object is touched by the reactor thread only. Other threads hand it work through
-:meth:`Reactor.submit` (a queue plus one :class:`proton.reactor.EventInjector` wake-up per
-batch of work), so a publish from a task thread, an ack from a pool thread and a consumer
-closing from the worker's thread all end up as calls on the reactor thread.
+:meth:`Reactor.submit` (a queue plus one :class:`proton.reactor.EventInjector` wake-up when the
+reactor is idle), so a publish from a task thread, an ack from a pool thread and a consumer
+closing from the worker's thread all end up as calls on the reactor thread. During a burst of
+publishes the reactor polls the publish queue every ``POLL_INTERVAL`` instead of being woken
+per message.
 
 Publishing: :meth:`Reactor.publish` queues an encoded message for the sender link of its
 target and returns; it blocks only while ``confirm_window`` messages are still unsettled by the
 broker (publisher confirmation with a window rather than one round trip per message), and the
 first time it uses a target, until the broker attached the link (so a refused address is an
-error in the caller). :meth:`Reactor.flush` waits until the broker settled everything.
-Unsettled messages are kept, and sent again after a reconnection (at least once).
+error in the caller). :meth:`Reactor.flush_thread` waits until the broker settled what the
+calling thread published, :meth:`Reactor.flush` until it settled everything. Unsettled
+messages are kept, and sent again after a reconnection (at least once).
+
+Deliveries (a message received, a settlement of one sent: one event per message) are handled
+by :class:`_FastCollector` on proton's C objects, without proton's Python event layer.
 
 Connection loss: the reactor reconnects with backoff (``interval_start`` doubling up to
 ``interval_max``; ``broker_connection_max_retries``), then asks each registered
