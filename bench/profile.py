@@ -64,6 +64,7 @@ def summarize(raw: Path, top: int = 15) -> str:
     own: collections.Counter[str] = collections.Counter()
     total: collections.Counter[str] = collections.Counter()
     procs: collections.Counter[str] = collections.Counter()
+    own_by_kind: dict[str, collections.Counter[str]] = {}
     samples = startup = 0
     for line in raw.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -83,6 +84,7 @@ def summarize(raw: Path, top: int = 15) -> str:
             continue
         samples += count
         procs[proc] += count
+        own_by_kind.setdefault(proc.split(" ")[0], collections.Counter())[frames[-1]] += count
         own[frames[-1]] += count
         for frame in set(frames):
             total[frame] += count
@@ -96,6 +98,11 @@ def summarize(raw: Path, top: int = 15) -> str:
         shown = [(f, c) for f, c in counter.most_common() if title == "self" or not _WRAPPER.search(f)]
         for frame, count in shown[:top]:
             lines.append(f"    {100.0 * count / max(samples, 1):5.1f}%  {frame}")
+    if len(own_by_kind) > 1:
+        for kind, counter in own_by_kind.items():
+            lines.append(f"  top by self in the {kind} process{'es' if kind == 'pool' else ''} (% of all samples):")
+            for frame, count in counter.most_common(max(5, top // 2)):
+                lines.append(f"    {100.0 * count / max(samples, 1):5.1f}%  {frame}")
     return "\n".join(lines)
 
 

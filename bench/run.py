@@ -174,8 +174,9 @@ class Bench:
             out = self.client(system, env, "enqueue", n)
         except RuntimeError as exc:
             for workload in ("enqueue", "drain") if "drain" in only else ("enqueue",):
-                self.record(broker, "-" if workload == "enqueue" else pool, system, workload, "tasks/s",
-                            "tasks/s", "higher", rep, None, str(exc))
+                self.record(broker, "-" if workload == "enqueue" else pool, system, workload,
+                            "tasks/s" if workload == "enqueue" else "tasks/s from start", "tasks/s", "higher", rep,
+                            None, str(exc))
             self.progress(label, f"enqueue FAILED: {exc}")
             return
         if "enqueue" in only:
@@ -284,8 +285,10 @@ class Bench:
         try:
             worker, env = self._idle_worker(broker, system, pool, rep, purpose)
         except RuntimeError as exc:
+            primary = {"start": ("to ready", "s"), "roundtrip": ("p50", "ms"), "chord": ("seconds", "s")}
             for workload in workloads:
-                self.record(broker, pool, system, workload, "failed", "", "higher", rep, None, str(exc))
+                metric, unit = primary[workload]
+                self.record(broker, pool, system, workload, metric, unit, "lower", rep, None, str(exc))
             self.progress(label, f"worker start FAILED: {str(exc)[:300]}")
             return
         try:
