@@ -185,6 +185,7 @@ TARGETS = (
     ("round trip p50 vs Celery (prefork)", "prefork", "roundtrip", "p50", "celery", 0.5, "<="),
     ("round trip p50 vs Dramatiq (threads)", "threads", "roundtrip", "p50", "dramatiq", None, "<="),
     ("chord vs Celery (threads)", "threads", "chord", "seconds", "celery", 0.33, "<="),
+    ("chord vs Celery (prefork)", "prefork", "chord", "seconds", "celery", 0.33, "<="),
 )
 
 
