@@ -14,7 +14,7 @@ from celeriac.broker.base import Delivery
 from celeriac.protocol import Message
 from celeriac.routing import Queue
 
-from celeriac_amqp import AMQPBroker
+from celeriac_amqp import AMQPBroker, delay
 
 
 def _name(prefix: str) -> str:
@@ -70,7 +70,7 @@ def test_scheduled_lists_its_queues_parked_tasks_soonest_first(broker: AMQPBroke
     assert [m.headers["id"] for _, m in listed] == ["a-near", "a-mid", "a-far"]
     for when, message in listed:
         assert abs(when - due[message.headers["id"]]) < 0.01
-        assert "x-celeriac-delay-to" not in message.headers  # as a worker would see it
+        assert "celeriac-delay-to" not in message.headers  # as a worker would see it
     assert [m.headers["id"] for _, m in broker.scheduled([a.name, b.name], limit=2)] == ["a-near", "b-other"]
     # Browsing put everything back: listing again gives the same, and nothing reached a queue.
     assert [m.headers["id"] for _, m in broker.scheduled([a.name])] == ["a-near", "a-mid", "a-far"]
@@ -136,3 +136,27 @@ def test_two_brokers_browsing_at_once_each_see_everything(amqp_url: str, broker:
     finally:
         other.close()
     assert seen == [30] * 10
+
+
+def test_each_delayed_task_reaches_its_own_queue_only(broker: AMQPBroker,
+                                                      queues: tuple[Queue, Queue]) -> None:
+    a, b = queues
+    for i in range(5):
+        _park(broker, a, f"a{i}", 0.5)
+        _park(broker, b, f"b{i}", 0.5)
+    time.sleep(2.5)  # all due; a message routed to both queues would be there by now
+    assert sorted(d.message.headers["id"] for d in _drain(broker, a, 10, timeout=3)) == [f"a{i}" for i in range(5)]
+    assert sorted(d.message.headers["id"] for d in _drain(broker, b, 10, timeout=3)) == [f"b{i}" for i in range(5)]
+
+
+def test_the_first_versions_binding_is_replaced(broker: AMQPBroker, queues: tuple[Queue, Queue]) -> None:
+    """Bound on an x- header, a queue received every delayed message of every queue."""
+    a, b = queues
+    link = broker._thread_link()
+    link.ensure_delay_topology()
+    link.channel.queue_bind(a.name, delay.DELIVER_EXCHANGE, routing_key="",
+                            arguments={"x-match": "all", delay.LEGACY_TARGET_HEADER: a.name})
+    _park(broker, a, "mine", 0.3)  # binds a the new way, which removes the old binding
+    _park(broker, b, "not-mine", 0.3)
+    time.sleep(2)
+    assert [d.message.headers["id"] for d in _drain(broker, a, 2, timeout=3)] == ["mine"]

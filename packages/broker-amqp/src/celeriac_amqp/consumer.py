@@ -50,8 +50,8 @@ def to_message(properties: pika.BasicProperties, body: bytes) -> tuple[Message, 
     when the message came through the delayed-delivery path (its routing headers removed)."""
     headers = dict(properties.headers or {})
     target = None
-    if delay.TARGET_HEADER in headers:
-        target = headers.get(delay.TARGET_HEADER)
+    if delay.TARGET_HEADER in headers or delay.LEGACY_TARGET_HEADER in headers:
+        target = headers.get(delay.TARGET_HEADER, headers.get(delay.LEGACY_TARGET_HEADER))
         for name in delay.ROUTING_HEADERS:
             headers.pop(name, None)
     props: dict[str, Any] = {}
@@ -98,7 +98,11 @@ class AMQPConsumer(Consumer):
         self.no_ack = no_ack
         self._setup = setup
         self._redeclare = redeclare
-        self._out: queue_mod.SimpleQueue[Delivery | None] = queue_mod.SimpleQueue()
+        # The I/O thread hands deliveries over in batches (one per read of the socket), not
+        # one queue operation and thread wake-up per message; None is the wake-up sentinel.
+        self._out: queue_mod.SimpleQueue[list[Delivery] | None] = queue_mod.SimpleQueue()
+        self._batch: list[Delivery] = []
+        self._leftover: deque[Delivery] = deque()
         self._ops: deque[tuple[int, int, str, bool]] = deque()
         self._wake_lock = threading.Lock()
         self._wake_pending = False
@@ -133,24 +137,34 @@ class AMQPConsumer(Consumer):
             self._closing.wait(max(0.0, timeout))
             return []
         out: list[Delivery] = []
+        leftover = self._leftover
+        while leftover and len(out) < max_count:
+            item = leftover.popleft()
+            if item.tag[0] == self._gen:
+                out.append(item)
         while len(out) < max_count:
             try:
                 left = deadline - time.monotonic()
                 if out or left <= 0:
-                    item = self._out.get_nowait()
+                    batch = self._out.get_nowait()
                 else:
-                    item = self._out.get(timeout=left)
+                    batch = self._out.get(timeout=left)
             except queue_mod.Empty:
                 break
-            if item is None:  # wake-up sentinel (closing or fatal error)
+            if batch is None:  # wake-up sentinel (closing or fatal error)
                 if self.error is not None and not out:
                     raise BrokerConnectionError(str(self.error))
                 if self._closed:
                     break
                 continue
-            if item.tag[0] != self._gen:
-                continue
-            out.append(item)
+            gen = self._gen
+            for item in batch:
+                if item.tag[0] != gen:
+                    continue
+                if len(out) < max_count:
+                    out.append(item)
+                else:
+                    leftover.append(item)
         if not out and self.error is not None and not self._closed:
             raise BrokerConnectionError(str(self.error))
         return out
@@ -244,8 +258,13 @@ class AMQPConsumer(Consumer):
         tag = method.delivery_tag
         if not self.no_ack:
             self._outstanding[tag] = None
-        self._out.put(Delivery(message, queue, (self._gen, tag), exchange, routing_key,
-                               bool(method.redelivered)))
+        self._batch.append(Delivery(message, queue, (self._gen, tag), exchange, routing_key,
+                                    bool(method.redelivered)))
+
+    def _hand_over(self) -> None:
+        if self._batch:
+            batch, self._batch = self._batch, []
+            self._out.put(batch)
 
     def _on_cancel(self, method_frame: Any) -> None:
         tag = method_frame.method.consumer_tag
@@ -307,6 +326,7 @@ class AMQPConsumer(Consumer):
     def _drop_link(self) -> None:
         link, self._link = self._link, None
         self._gen += 1  # everything delivered so far is stale now
+        self._batch = []
         self._outstanding.clear()
         self._cancelled.clear()
         with self._wake_lock:
@@ -331,6 +351,7 @@ class AMQPConsumer(Consumer):
                         self._started.set()
                     link = self._link
                     link.connection.process_data_events(time_limit=1.0)
+                    self._hand_over()
                     if not link.channel.is_open:
                         raise _ChannelLost(_channel_close_reason(link))
                     self._apply_ops()

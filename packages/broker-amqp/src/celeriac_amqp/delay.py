@@ -7,7 +7,9 @@ durable queue of the same name whose messages all live exactly ``2**k`` ms
 Each level exchange sends messages whose bit ``k`` is 1 into its queue and the others straight
 on to the next level (an exchange-to-exchange binding). After level 0 the message reaches the
 headers exchange ``celeriac.delay.deliver``, where every destination queue is bound on the
-header ``x-celeriac-delay-to = <queue name>``.
+header ``celeriac-delay-to = <queue name>``. (Not an ``x-`` name: RabbitMQ's headers exchange
+ignores headers starting with ``x-`` when matching, so such a binding would match every message;
+an earlier version bound on ``x-celeriac-delay-to`` and :func:`bind_target` removes that binding.)
 
 So a message waits ``sum(2**k for set bits)`` = its delay, never less, in queues whose messages
 all have the same TTL (so they expire in arrival order); 32 queues serve every delay up to
@@ -35,6 +37,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 __all__ = [
     "BROWSE_LOCK",
     "DELIVER_EXCHANGE",
+    "LEGACY_TARGET_HEADER",
     "LEVELS",
     "MAX_DELAY_MS",
     "ROUTING_HEADERS",
@@ -51,12 +54,15 @@ LEVELS = 32
 MAX_DELAY_MS = 2**LEVELS - 1
 PREFIX = "celeriac.delay"
 DELIVER_EXCHANGE = f"{PREFIX}.deliver"
-TARGET_HEADER = "x-celeriac-delay-to"
+TARGET_HEADER = "celeriac-delay-to"
+#: The header of the first version, whose bindings matched every message (see above).
+LEGACY_TARGET_HEADER = "x-celeriac-delay-to"
 #: An exclusive, auto-deleted queue: whoever declared it may browse the levels.
 BROWSE_LOCK = f"{PREFIX}.browse-lock"
 #: Headers RabbitMQ or the delay path add, removed before a delivery reaches the worker.
 ROUTING_HEADERS = (
     TARGET_HEADER,
+    LEGACY_TARGET_HEADER,
     "x-death",
     "x-first-death-exchange",
     "x-first-death-queue",
@@ -103,9 +109,12 @@ def declare_topology(channel: BlockingChannel) -> None:
 
 
 def bind_target(channel: BlockingChannel, queue: str) -> None:
-    """Bind ``queue`` to the exit exchange so delayed messages for it arrive there."""
+    """Bind ``queue`` to the exit exchange so delayed messages for it (and only those) arrive
+    there; remove the first version's binding, which matched every delayed message."""
     channel.queue_bind(queue, DELIVER_EXCHANGE, routing_key="",
                        arguments={"x-match": "all", TARGET_HEADER: queue})
+    channel.queue_unbind(queue, DELIVER_EXCHANGE, routing_key="",
+                         arguments={"x-match": "all", LEGACY_TARGET_HEADER: queue})
 
 
 def browse(channel: BlockingChannel, targets: Collection[str], *,
@@ -130,7 +139,8 @@ def browse(channel: BlockingChannel, targets: Collection[str], *,
             method, properties, body = channel.basic_get(name, auto_ack=False)
             if method is None:
                 break
-            target = (properties.headers or {}).get(TARGET_HEADER)
+            headers = properties.headers or {}
+            target = headers.get(TARGET_HEADER, headers.get(LEGACY_TARGET_HEADER))
             if target not in wanted:
                 continue
             if remove:
