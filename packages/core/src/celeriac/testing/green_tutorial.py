@@ -1,18 +1,20 @@
 """Runs the repository's ``examples/tutorial.py`` with its worker on a green pool.
 
-``python green_tutorial.py POOL`` behaves as ``python examples/tutorial.py`` (same environment
-variables, same exit code) except that the worker it starts gets ``-P POOL`` instead of
-``-P threads``. Only the worker is patched: this client process is not.
+``python -m celeriac.testing.green_tutorial POOL EXAMPLES_DIR`` behaves as
+``python EXAMPLES_DIR/tutorial.py`` (same environment variables, same exit code) except that the
+worker it starts gets ``-P POOL`` instead of ``-P threads``. Only the worker is patched: this
+client process is not. The green pool kit (:mod:`celeriac.testing.green_kit`) runs it.
 """
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+__all__ = ["main"]
 
 
 class _PoolSubprocess:
@@ -35,15 +37,18 @@ class _PoolSubprocess:
         return subprocess.Popen(cmd, **kwargs)
 
 
-def main(pool: str) -> int:
-    """Run the tutorial with ``-P pool``; return its exit code."""
-    sys.path.insert(0, str(EXAMPLES))
-    import tutorial
+def main(pool: str, examples: Path) -> int:
+    """Run ``examples/tutorial.py``'s ``main()`` with ``-P pool``; return its exit code (int).
 
-    tutorial.subprocess = _PoolSubprocess(pool)  # type: ignore[assignment]
+    ``examples`` is the folder holding ``tutorial.py`` and its ``proj`` package. Raises
+    ``ImportError`` when ``tutorial.py`` is not there.
+    """
+    sys.path.insert(0, str(examples))
+    tutorial: Any = importlib.import_module("tutorial")
+    tutorial.subprocess = _PoolSubprocess(pool)
     print(f"(the worker runs with -P {pool})", flush=True)
     return int(tutorial.main())
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], Path(sys.argv[2])))
