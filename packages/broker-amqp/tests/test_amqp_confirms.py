@@ -5,17 +5,16 @@ before the confirms arrive, and a refused exchange still fails the call that use
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
+from amqp_test_proxy import HoldingProxy
 from celeriac.broker.base import BrokerConnectionError
 from celeriac.protocol import Message
 from celeriac.routing import Queue
@@ -99,66 +98,10 @@ def test_a_missing_exchange_still_fails_the_publish_that_used_it(broker: AMQPBro
     assert sorted(_drain_ids(broker, queue, 50)) == sorted(f"m{i}" for i in range(50))
 
 
-class _Proxy:
-    """A loopback TCP proxy that can hold back what the server sends (the confirms) and then
-    cut every connection."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.hold_replies = threading.Event()
-        self.sockets: list[socket.socket] = []
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.target)
-            self.sockets += [client, server]
-            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, from_server: bool) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                while from_server and self.hold_replies.is_set() and not self.closed:
-                    time.sleep(0.01)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
-
-    def cut(self) -> None:
-        for s in list(self.sockets):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self.sockets.clear()
-
-    def close(self) -> None:
-        self.closed = True
-        self.listener.close()
-        self.cut()
-
-
 def test_messages_unconfirmed_when_the_connection_drops_are_published_again(
         amqp_url: str, broker: AMQPBroker, queue: Queue) -> None:
     parts = urlsplit(amqp_url)
-    proxy = _Proxy((parts.hostname or "127.0.0.1", parts.port or 5672))
+    proxy = HoldingProxy((parts.hostname or "127.0.0.1", parts.port or 5672))
     url = f"amqp://guest:guest@127.0.0.1:{proxy.port}//"
     client = AMQPBroker(url, {"broker_transport_options": {"publish_retry_timeout": 20}})
     try:

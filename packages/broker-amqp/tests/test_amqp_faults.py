@@ -281,3 +281,39 @@ def test_quorum_queue_declared_and_consumed_like_celery(amqp_url: str, broker: A
             consumer.close()
     finally:
         broker.delete_queue(name)
+
+
+def test_a_half_open_connection_is_noticed_within_two_heartbeats(
+        amqp_url: str, broker: AMQPBroker, queue: Queue, caplog: pytest.LogCaptureFixture) -> None:
+    """The network stops delivering RabbitMQ's bytes without closing anything: the consumer
+    must see it within 2 heartbeat intervals, say so once, and consume again afterwards."""
+    from urllib.parse import urlsplit
+
+    from amqp_test_proxy import HoldingProxy
+
+    parts = urlsplit(amqp_url)
+    proxy = HoldingProxy((parts.hostname or "127.0.0.1", parts.port or 5672))
+    heartbeat = 2.0
+    proxied = AMQPBroker(f"amqp://guest:guest@127.0.0.1:{proxy.port}//",
+                         {"broker_heartbeat": heartbeat, "broker_connection_timeout": 2})
+    consumer = proxied.consumer([queue], 10)
+    caplog.set_level(logging.WARNING, logger="celeriac.amqp")
+    try:
+        consumer.fetch(1, 0.5)
+        proxy.hold_replies.set()
+        started = time.monotonic()
+        while not any("half-open" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() - started < 2 * heartbeat + 1.0, "the dead peer was not noticed in time"
+            time.sleep(0.1)
+        proxy.hold_replies.clear()
+        broker.publish(_msg("after"), "", queue.name, queue=queue)
+        got = _drain(consumer, 1, timeout=20)
+        assert [d.message.headers for d in got] == [{"kit": "after"}]
+        consumer.ack(got[0])
+        lost = [r for r in caplog.records if "lost" in r.getMessage()]
+        assert len(lost) == 1, [r.getMessage() for r in caplog.records]
+        assert not any(r.exc_info for r in caplog.records)
+    finally:
+        consumer.close()
+        proxied.close()
+        proxy.close()

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pika
+import pika.exceptions as pex
 from celeriac.broker.base import BrokerConnectionError, Consumer, Delivery, Subscription
 from celeriac.protocol import Message
 from celeriac.routing import Queue
@@ -114,6 +115,7 @@ class AMQPConsumer(Consumer):
         self._closing = threading.Event()
         self._started = threading.Event()
         self._closed = False
+        self._rx_bytes, self._rx_at = -1, time.monotonic()
         self.error: BaseException | None = None
         self.queues: list[str] = []
         self._thread = threading.Thread(target=self._run, name=f"celeriac-amqp-{name}", daemon=True)
@@ -334,23 +336,45 @@ class AMQPConsumer(Consumer):
         if link is not None:
             link.close()
 
+    def _check_peer(self, link: Link) -> None:
+        """Raise when RabbitMQ sent nothing (not even a heartbeat, which it sends every half
+        interval) for 1.5 heartbeat intervals: a half-open connection. pika's own checker
+        would take up to two whole intervals more."""
+        heartbeat = self.broker.heartbeat
+        if not heartbeat:
+            return
+        received = link.connection._impl.bytes_received
+        now = time.monotonic()
+        if received != self._rx_bytes:
+            self._rx_bytes, self._rx_at = received, now
+        elif now - self._rx_at > heartbeat * 1.5:
+            error = pex.StreamLostError(
+                f"no data from RabbitMQ for {now - self._rx_at:.1f} s (heartbeat {heartbeat:g} s): "
+                "the connection is half-open")
+            link.abort(error)
+            raise error
+
     def _run(self) -> None:
         intervals = self.broker.retry_policy.intervals()
         max_retries = self.broker.retry_policy.max_retries
         failures = 0
+        lost_at = 0.0
         try:
             while not self._closing.is_set():
                 try:
                     if self._link is None:
                         self._link = self._connect()
+                        self._rx_bytes, self._rx_at = -1, time.monotonic()
                         if failures:
-                            logger.info("Reconnected to %s; consuming %s again.",
-                                        self.broker.safe_url, ", ".join(self.queues))
+                            logger.warning("Reconnected to %s after %.1f s (%d attempt(s)); consuming "
+                                           "%s again.", self.broker.safe_url, time.monotonic() - lost_at,
+                                           failures, ", ".join(self.queues))
                         failures = 0
                         intervals = self.broker.retry_policy.intervals()
                         self._started.set()
                     link = self._link
                     link.connection.process_data_events(time_limit=1.0)
+                    self._check_peer(link)
                     self._hand_over()
                     if not link.channel.is_open:
                         raise _ChannelLost(_channel_close_reason(link))
@@ -376,12 +400,19 @@ class AMQPConsumer(Consumer):
                         logger.error("%s", self.error)
                         break
                     wait = next(intervals)
+                    # One line when the outage starts and one when it ends (above); the
+                    # attempts in between only at debug level.
+                    log = logger.warning if failures == 1 else logger.debug
+                    if failures == 1:
+                        lost_at = time.monotonic()
                     if isinstance(exc, _ChannelLost):
-                        logger.warning("%s (%s); reopening in %.1f s.", exc,
-                                       self.broker.safe_url, wait)
+                        log("%s (%s); reopening in %.1f s.", exc, self.broker.safe_url, wait)
+                    elif failures == 1:
+                        log("Connection to %s lost (%s); reconnecting (retrying every %.1f s and "
+                            "more, quietly).", self.broker.safe_url, describe(exc), wait)
                     else:
-                        logger.warning("Connection to %s lost (%s); reconnecting in %.1f s.",
-                                       self.broker.safe_url, describe(exc), wait)
+                        log("Reconnecting to %s failed (%s, attempt %d); next in %.1f s.",
+                            self.broker.safe_url, describe(exc), failures, wait)
                     self._started.set()
                     self._closing.wait(wait)
         except BaseException as exc:

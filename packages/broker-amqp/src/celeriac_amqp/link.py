@@ -22,6 +22,7 @@ import pika.exceptions as pex
 from celeriac.broker.base import BrokerConnectionError
 from celeriac.routing import Queue
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from celeriac_amqp import delay
 from celeriac_amqp.confirms import ConfirmWindow, Unconfirmed
@@ -48,6 +49,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     pex.ChannelWrongStateError,
     pex.ConnectionWrongStateError,
     pex.ChannelClosed,
+    # pika's connection workflow (e.g. a handshake that times out on a partitioned network)
+    AMQPConnectorException,
     OSError,
     EOFError,
 )
@@ -113,7 +116,7 @@ def open_connection(addresses: list[AMQPAddress], conf: Mapping[str, Any],
                 f"Cannot connect to {safe_url}: no access to virtual host {address.vhost!r} "
                 f"for user {address.user!r} (does it exist?): {_inner_text(exc)}"
             ) from None
-        except (pex.AMQPError, OSError) as exc:
+        except (pex.AMQPError, AMQPConnectorException, OSError) as exc:
             refused = tls_failure(exc)
             if refused is not None:  # retrying cannot fix a refused certificate
                 raise FatalConnectionError(f"Cannot connect to {safe_url}: {refused}") from None
@@ -321,6 +324,13 @@ class Link:
         if heartbeat and now - self.last_used > heartbeat / 2:
             self.connection.process_data_events(0)
         self.last_used = now
+
+    def abort(self, error: Exception) -> None:
+        """Drop the connection at once, without the closing handshake a dead peer would never
+        answer (what pika's own heartbeat checker does). Idempotent."""
+        with contextlib.suppress(Exception):
+            if self.connection.is_open:
+                self.connection._impl._terminate_stream(error)
 
     def close(self) -> None:
         """Close the connection quietly. Idempotent."""
