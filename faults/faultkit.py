@@ -35,7 +35,7 @@ from celeriac import Celeriac
 
 FULL = os.environ.get("CELERIAC_FAULTS") == "full"
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+RESULTS = Path(os.environ.get("CELERIAC_FAULTS_RESULTS") or HERE / "results")  # where the JSONs go
 #: The brokers of the network scenarios (SQLite has no network), and all of them.
 NETWORK = ["redis", "amqp", "qpid"]
 ALL = ["sqlite", *NETWORK]
@@ -94,9 +94,9 @@ class Target:
 def liveness_interval(broker: str) -> float:
     """``--heartbeat-file-interval`` for ``broker``. AMQP 1.0 has no queue-size round trip for
     the file's broker probe, so a half-open connection shows only once proton's idle timeout
-    (2 heartbeats) closed it: its interval must be at least 2 broker heartbeats
-    (docs/liveness.md)."""
-    return 2 * HEARTBEAT if broker == "qpid" else HEARTBEAT
+    (2 heartbeats) closed it; the file is then stale one interval later: with an interval of 3
+    broker heartbeats that is within 2 intervals (docs/liveness.md)."""
+    return 3 * HEARTBEAT if broker == "qpid" else HEARTBEAT
 
 
 def target_conf(name: str, unique: str) -> dict[str, Any]:
@@ -421,7 +421,7 @@ class Flow:
         figures.update(broker=self.target.name, scenario=self.scenario, mode="full" if FULL else "short",
                        recovery_s=recovery_s, duration_s=round(time.time() - self.started, 1),
                        refused_errors=sorted(set(self.refused))[:3], **self.extra, **extra)
-        RESULTS.mkdir(exist_ok=True)
+        RESULTS.mkdir(parents=True, exist_ok=True)
         out = RESULTS / f"{self.target.name}-{self.scenario}.json"
         out.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
         return figures

@@ -29,8 +29,8 @@ def _notes(d: dict[str, object]) -> str:
     keys = ["noticed_s", "heartbeat_file_interval_s", "probe_detected_s", "ping_exit_stalled", "resets",
             "kills", "redelivered",
             "redelivery_delay_median_s", "redelivery_delay_max_s", "partition_s", "outage_s",
-            "lock_held_s", "completed_while_full", "refused", "impatient_sent", "log"]
-    parts = [f"{k}={_cell(d[k])}" for k in keys if d.get(k) not in (None, 0, [], {})]
+            "lock_held_s", "completed_while_full", "refused", "impatient_sent", "ping_recovered", "log"]
+    parts = [f"{k}={_cell(d[k])}" for k in keys if isinstance(d.get(k), bool) or d.get(k) not in (None, 0, [], {})]
     return ", ".join(parts)
 
 

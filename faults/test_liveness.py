@@ -1,9 +1,9 @@
 """Liveness probes see a stalled consumer: ``worker --heartbeat-file`` and ``inspect ping``.
 
 The worker reaches its broker through the proxy; freezing the proxy stalls it (its connection
-half-open, the process alive). The heartbeat file must pass the probe's age (the interval)
-within 2 intervals, ``celeriac inspect ping -d NODE`` must exit non-zero, and both must be
-healthy again once the network is back.
+half-open, the process alive) for 20 s. The heartbeat file must pass the probe's age (the
+interval) within 2 intervals, ``celeriac inspect ping -d NODE`` must exit non-zero, and both must
+be healthy again once the network is back.
 """
 
 from __future__ import annotations
@@ -32,7 +32,29 @@ def ping(flow: Flow, worker: Worker) -> int:
     return done.returncode
 
 
-def test_stalled_consumer_fails_the_probes(target: Target, proxy: FaultProxy, tmp_path: Path) -> None:
+STALL = 20.0  # seconds the network stays frozen
+
+QPID_NO_RECOVERY = (
+    "celeriac-qpid: once reconnect attempts made while the network is frozen end in proton's idle "
+    "timeout, the worker does not consume again after the heal: fetch keeps raising 'Cannot connect "
+    "...: amqp:resource-limit-exceeded: local-idle-timeout expired' (while the plugin's connect() "
+    "succeeds), the remote-control subscription logs an error every 1.5 s and inspect ping gets no "
+    "reply; the tasks stay in the queue")
+
+
+def _answers_within(flow: Flow, worker: Worker, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if ping(flow, worker) == 0:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_stalled_consumer_fails_the_probes(target: Target, proxy: FaultProxy, tmp_path: Path,
+                                           request: pytest.FixtureRequest) -> None:
+    if target.name == "qpid":
+        request.applymarker(pytest.mark.xfail(reason=QPID_NO_RECOVERY, strict=True))
     with flow_for(tmp_path, target, "liveness") as flow:
         w = flow.worker("w1", target.proxied(proxy.port))
         wait_until(lambda: w.heartbeat_age() < w.interval, 10, "a fresh heartbeat file")
@@ -46,16 +68,18 @@ def test_stalled_consumer_fails_the_probes(target: Target, proxy: FaultProxy, tm
                    interval=0.05)
         detected = round(time.monotonic() - frozen, 2)
         stalled_ping = ping(flow, w)
+        time.sleep(max(0.0, frozen + STALL - time.monotonic()))  # a stall, not a blip
         proxy.reset_all()
         proxy.thaw()
         healed = time.monotonic()
         wait_until(lambda: w.heartbeat_age() < w.interval, 90, "a fresh heartbeat file after the heal")
         fresh_after = round(time.monotonic() - healed, 2)
-        recovered_ping = wait_until(lambda: ping(flow, w) == 0, 60, "a ping reply after the heal")
+        recovered_ping = _answers_within(flow, w, 60)
         sender.join()
         figures = flow.finish(fresh_after, probe_detected_s=detected, heartbeat_file_interval_s=w.interval,
-                              ping_exit_stalled=stalled_ping)
-    assert healthy_ping and recovered_ping
+                              ping_exit_stalled=stalled_ping, ping_recovered=recovered_ping)
+    assert healthy_ping
+    assert recovered_ping, "inspect ping got no reply within 60 s of the heal"
     assert stalled_ping != 0, "inspect ping succeeded for a stalled worker"
     assert detected <= 2 * w.interval + 0.5, f"the heartbeat file went stale after {detected} s"
     assert figures["lost"] == 0, figures
