@@ -63,6 +63,7 @@ from celeriac_redis import scripts
 from celeriac_redis.connection import (
     TRANSIENT_ERRORS,
     describe_error,
+    is_fatal,
     make_client,
     parse_url,
 )
@@ -160,7 +161,10 @@ class RedisBroker(Broker):
         try:
             self.client.ping()
         except (redis.RedisError, OSError) as exc:
-            raise BrokerConnectionError(describe_error(exc, self.url)) from None
+            error = BrokerConnectionError(describe_error(exc, self.url))
+            # A refused certificate or login does not get better by retrying: the worker stops.
+            error.transient = not is_fatal(exc)
+            raise error from None
 
     def connection_lost(self, exc: BaseException) -> None:
         """Note a failed call: log once per outage and forget cached declarations (a restarted
@@ -187,6 +191,10 @@ class RedisBroker(Broker):
             try:
                 result = fn()
             except TRANSIENT_ERRORS as exc:
+                if is_fatal(exc):
+                    error = BrokerConnectionError(describe_error(exc, self.url))
+                    error.transient = False
+                    raise error from None
                 self.connection_lost(exc)
                 if time.monotonic() + delay > deadline:
                     raise BrokerConnectionError(describe_error(exc, self.url)) from None
