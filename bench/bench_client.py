@@ -9,6 +9,7 @@ one action and prints one JSON object on stdout:
                ``{"p50": ms, "p90": ms, "p99": ms, "mean": ms}``
 ``chord N``    ``chord(add.s(i, i) for i in range(N))(xsum.s()).get()``: ``{"seconds": s}``
 ``group N``    ``group(add.s(i, i) for i in range(N))().get()``: ``{"seconds": s}``
+               (both after one untimed ``add(0, 0)`` round trip that connects the client)
 ``payload N SIZE`` publish N ``sink(data)`` with a ``SIZE``-byte string: ``{"seconds": s, "rate": tasks/s}``
 
 Dramatiq's client publishes with ``actor.send()`` and waits with ``message.get_result(block=True)``
@@ -109,10 +110,22 @@ def roundtrip(system: str, n: int) -> dict[str, float]:
             "p99": percentile(samples, 0.99), "mean": sum(samples) / len(samples)}
 
 
-def chord(n: int) -> dict[str, float]:
-    """Time from building a chord of ``n`` ``add`` into ``xsum`` to its result."""
+def warm_up() -> None:
+    """One untimed ``add(0, 0)`` round trip: connects the client to the broker and the backend.
+
+    A fresh client's first publish imports and connects (1-3 s on a loaded 2-core machine), which
+    would otherwise be most of a small chord's time.
+    """
     import benchapp
 
+    assert benchapp.add.delay(0, 0).get(timeout=TIMEOUT) == 0
+
+
+def chord(n: int) -> dict[str, float]:
+    """Time from building a chord of ``n`` ``add`` into ``xsum`` to its result (after :func:`warm_up`)."""
+    import benchapp
+
+    warm_up()
     start = time.perf_counter()
     result = benchapp.chord(benchapp.add.s(i, i) for i in range(n))(benchapp.xsum.s())
     value = result.get(timeout=TIMEOUT)
@@ -123,9 +136,10 @@ def chord(n: int) -> dict[str, float]:
 
 
 def group(n: int) -> dict[str, float]:
-    """Time from building a group of ``n`` ``add`` to all its results."""
+    """Time from building a group of ``n`` ``add`` to all its results (after :func:`warm_up`)."""
     import benchapp
 
+    warm_up()
     start = time.perf_counter()
     result = benchapp.group(benchapp.add.s(i, i) for i in range(n))()
     values = result.get(timeout=TIMEOUT)
