@@ -224,3 +224,20 @@ def test_timezone_setting_shapes_eta_headers() -> None:
     app.conf.timezone = "Not/AZone"
     with pytest.raises(ImproperlyConfigured, match="IANA"):
         app.now()
+
+
+def test_a_forked_child_opens_its_own_broker_and_backend(tmp_path: Path) -> None:
+    """Connections belong to the process that opened them: after fork() the child gets new
+    ones (the parent's stay untouched and usable)."""
+    app = Celeriac("forky", broker=f"sqlite:///{tmp_path / 'b.db'}", backend=f"sqlite:///{tmp_path / 'r.db'}")
+    parent_broker, parent_backend = app.broker, app.backend
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report whether it got new objects, then leave at once
+        same = app.broker is parent_broker or app.backend is parent_backend
+        os.write(write, b"same" if same else b"new")
+        os._exit(0)
+    os.close(write)
+    assert os.read(read, 10) == b"new"
+    os.waitpid(pid, 0)
+    assert app.broker is parent_broker and app.backend is parent_backend

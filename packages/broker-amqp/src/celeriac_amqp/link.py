@@ -361,7 +361,8 @@ class Link:
 
     def declare_queue(self, queue: Queue) -> str:
         """Declare ``queue``, its exchange and binding (cached); returns the queue's name."""
-        if self.declared.get(queue.name) == queue:
+        known = self.declared.get(queue.name)
+        if known is queue or known == queue:
             return queue.name
         exchange = queue.exchange
         if exchange is not None and exchange.name:
