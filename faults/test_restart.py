@@ -35,17 +35,8 @@ def _during_outage(flow: Flow, impatient: Celeriac, down: float) -> None:
     time.sleep(max(0.0, down - (time.monotonic() - began)))
 
 
-AMQP_LINE_PER_ATTEMPT = (
-    "celeriac-amqp logs one warning per reconnect attempt and per connection (the task consumer's "
-    "and the remote-control consumer's), not one per outage: 'Connection to ... lost ([Errno 111] "
-    "Connection refused); reconnecting in 2.0 s' every 2 s from each, 21 lines for one 13 s restart "
-    "(the short form's shorter outage stays under the suite's limit of 6 lines per event)")
-
-
 @pytest.mark.parametrize("broker", ["redis", "amqp", "qpid"])
 def test_broker_restart_during_flow(broker: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    if broker == "amqp" and FULL:
-        request.applymarker(pytest.mark.xfail(reason=AMQP_LINE_PER_ATTEMPT, strict=True))
     down = 5.0 if FULL else 2.0
     count = size(900, 10000)
     if broker == "redis":
