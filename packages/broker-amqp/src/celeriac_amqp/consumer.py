@@ -81,6 +81,9 @@ class _ChannelLost(Exception):
 
 Setup = Callable[[Link], list[str]]
 
+#: How long an ack may wait in the consumer before the I/O thread applies it, seconds.
+ACK_DELAY = 0.005
+
 _EXPECTED: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, _ChannelLost, BrokerConnectionError)
 
 
@@ -177,7 +180,12 @@ class AMQPConsumer(Consumer):
         if not self.no_ack:
             gen, tag = delivery.tag
             self._ops.append((gen, tag, "ack", False))
-            self._wake()
+            # While deliveries are unacked the I/O loop turns every ACK_DELAY seconds and
+            # applies queued acks itself; wake it only when the prefetch window is used up (or
+            # ops pile up), sparing a wake-up per message.
+            if (not self.prefetch or len(self._ops) >= self.prefetch // 2 + 1
+                    or len(self._outstanding) >= self.prefetch):
+                self._wake()
 
     def reject(self, delivery: Delivery, requeue: bool = False) -> None:
         """Reject ``delivery``; with ``requeue`` RabbitMQ delivers it again. Thread-safe."""
@@ -373,7 +381,8 @@ class AMQPConsumer(Consumer):
                         intervals = self.broker.retry_policy.intervals()
                         self._started.set()
                     link = self._link
-                    link.connection.process_data_events(time_limit=1.0)
+                    link.connection.process_data_events(
+                        time_limit=ACK_DELAY if self._outstanding and not self.no_ack else 1.0)
                     self._check_peer(link)
                     self._hand_over()
                     if not link.channel.is_open:
