@@ -34,14 +34,6 @@ def ping(flow: Flow, worker: Worker) -> int:
 
 STALL = 20.0  # seconds the network stays frozen
 
-QPID_NO_RECOVERY = (
-    "celeriac-qpid: once reconnect attempts made while the network is frozen end in proton's idle "
-    "timeout, the worker does not consume again after the heal: fetch keeps raising 'Cannot connect "
-    "...: amqp:resource-limit-exceeded: local-idle-timeout expired' (while the plugin's connect() "
-    "succeeds), the remote-control subscription logs an error every 1.5 s and inspect ping gets no "
-    "reply; the tasks stay in the queue")
-
-
 def _answers_within(flow: Flow, worker: Worker, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -53,8 +45,6 @@ def _answers_within(flow: Flow, worker: Worker, seconds: float) -> bool:
 
 def test_stalled_consumer_fails_the_probes(target: Target, proxy: FaultProxy, tmp_path: Path,
                                            request: pytest.FixtureRequest) -> None:
-    if target.name == "qpid":
-        request.applymarker(pytest.mark.xfail(reason=QPID_NO_RECOVERY, strict=True))
     with flow_for(tmp_path, target, "liveness") as flow:
         w = flow.worker("w1", target.proxied(proxy.port))
         wait_until(lambda: w.heartbeat_age() < w.interval, 10, "a fresh heartbeat file")

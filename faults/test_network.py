@@ -91,19 +91,9 @@ def test_half_open_connection(target: Target, proxy: FaultProxy, tmp_path: Path,
     assert noticed <= 2 * HEARTBEAT + 1.5, f"noticed after {noticed} s, heartbeat {HEARTBEAT} s"
 
 
-QPID_NO_RECOVERY = (
-    "celeriac-qpid: after a 30 s partition (proton's idle timeout expired on the connection and on "
-    "the reconnect attempts made during the partition), the worker did not consume again in the "
-    "5 minutes after the heal: fetch kept raising 'Cannot connect ...: amqp:resource-limit-exceeded: "
-    "local-idle-timeout expired', the remote-control thread logged an error every 1.5 s (354 lines), "
-    "2,879 of 3,000 tasks stayed in the queue. A 5 s partition (the short form) recovers")
-
-
 def test_partition_heals(target: Target, proxy: FaultProxy, tmp_path: Path,
                          request: pytest.FixtureRequest) -> None:
     seconds = 30.0 if FULL else 5.0
-    if target.name == "qpid" and FULL:
-        request.applymarker(pytest.mark.xfail(reason=QPID_NO_RECOVERY, strict=True))
     with flow_for(tmp_path, target, f"partition-{seconds:.0f}s") as flow:
         flow.worker("w1", target.proxied(proxy.port))
         sender = flow.send_in_thread(size(400, 3000), size(50, 60))

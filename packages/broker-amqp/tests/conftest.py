@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -13,9 +12,6 @@ import pytest
 from celeriac.testing.process import require_server, server_reachable
 
 from celeriac_amqp import AMQPBroker
-
-# pytest runs with --import-mode=importlib: make the helper module (amqp_test_proxy) importable.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 AMQP_URL = os.environ.get("CELERIAC_TEST_AMQP_URL", "amqp://guest:guest@localhost:5672//")
 

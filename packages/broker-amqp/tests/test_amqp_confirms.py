@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
-from amqp_test_proxy import HoldingProxy
 from celeriac.broker.base import BrokerConnectionError
 from celeriac.protocol import Message
 from celeriac.routing import Queue
+from celeriac.testing.proxy import HoldingProxy
 
 from celeriac_amqp import AMQPBroker
 

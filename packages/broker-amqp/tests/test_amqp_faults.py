@@ -289,7 +289,7 @@ def test_a_half_open_connection_is_noticed_within_two_heartbeats(
     must see it within 2 heartbeat intervals, say so once, and consume again afterwards."""
     from urllib.parse import urlsplit
 
-    from amqp_test_proxy import HoldingProxy
+    from celeriac.testing.proxy import HoldingProxy
 
     parts = urlsplit(amqp_url)
     proxy = HoldingProxy((parts.hostname or "127.0.0.1", parts.port or 5672))

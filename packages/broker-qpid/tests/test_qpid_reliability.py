@@ -8,6 +8,7 @@ most a minute or two for its workers, and every worker and client process is sto
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -165,3 +167,57 @@ def test_rabbitmq_stop_start_app_during_a_flow_loses_none(
         if client.poll() is None:
             client.kill()
             client.wait(10)
+
+
+def test_consumers_survive_a_connect_that_fails_during_an_outage(qpid_url: str) -> None:
+    """A liveness probe (or anyone) calling ``connect()`` while the network is partitioned must
+    not close the connection the consumers use: after the heal they consume again. (It used to
+    close it for good: the worker never consumed again after a long partition.)"""
+    from urllib.parse import urlsplit
+
+    from celeriac.broker.base import BrokerConnectionError
+    from celeriac.protocol import Message
+    from celeriac.routing import Queue
+    from celeriac.testing.proxy import HoldingProxy
+
+    from celeriac_qpid import QpidBroker
+
+    parts = urlsplit(qpid_url)
+    proxy = HoldingProxy((parts.hostname or "127.0.0.1", parts.port or 5672))
+    through = QpidBroker(f"qpid://guest:guest@127.0.0.1:{proxy.port}//",
+                         {"broker_heartbeat": 1.0, "broker_connection_timeout": 1.0,
+                          "broker_connection_max_retries": 0})
+    direct = QpidBroker(qpid_url, {})
+    queue = Queue(f"celeriac-test-qpid-outage-{uuid.uuid4().hex[:8]}")
+    through.declare(queue)
+    consumer = through.consumer([queue], 10)
+    try:
+        consumer.fetch(1, 0.5)
+        proxy.hold_replies.set()  # the partition: RabbitMQ's bytes (heartbeats too) stop
+        deadline = time.monotonic() + 15
+        refused = False
+        while time.monotonic() < deadline and not refused:
+            try:
+                through.connect()
+            except BrokerConnectionError:
+                refused = True
+        assert refused, "connect() during the outage should have failed"
+        proxy.hold_replies.clear()
+        direct.publish(Message({"id": "after"}, {"delivery_mode": 2}, b"x"), "", queue.name, queue=queue)
+        got: list = []
+        deadline = time.monotonic() + 30
+        while not got and time.monotonic() < deadline:
+            try:
+                got = consumer.fetch(1, 1.0)
+            except BrokerConnectionError:
+                time.sleep(0.5)
+        assert [d.message.headers.get("id") for d in got] == ["after"]
+        consumer.ack(got[0])
+        consumer.flush()
+    finally:
+        consumer.close()
+        with contextlib.suppress(Exception):
+            direct.delete_queue(queue.name)
+        direct.close()
+        through.close()
+        proxy.close()

@@ -119,10 +119,13 @@ class QpidBroker(Broker):
         try:
             reactor.wait_open(self.options.connect_timeout)
         except BrokerConnectionError:
-            with self._lock:
-                if self._reactor is reactor:
-                    self._reactor = None
-            reactor.close(0)
+            # A connection that consumers use keeps reconnecting on its own: closing it here (a
+            # liveness probe calls connect() during an outage) would leave them on a dead one.
+            if not reactor._attachments and not reactor._ever_opened:
+                with self._lock:
+                    if self._reactor is reactor:
+                        self._reactor = None
+                reactor.close(0)
             raise
 
     # -- routing ------------------------------------------------------------------------------

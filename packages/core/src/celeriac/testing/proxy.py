@@ -1,5 +1,6 @@
-"""A loopback TCP proxy for RabbitMQ tests: it can hold back what the server sends (confirms,
-heartbeats: a half-open connection as the client sees it) and cut every connection."""
+"""A loopback TCP proxy for broker tests: it can hold back what the server sends (confirms,
+heartbeats: a half-open connection or a partition as the client sees it) and cut every
+connection. Loopback only; one thread per direction and connection."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ __all__ = ["HoldingProxy"]
 
 
 class HoldingProxy:
-    """A loopback TCP proxy that can hold back what the server sends (the confirms) and then
-    cut every connection."""
+    """Forward ``127.0.0.1:port`` to ``target`` (host, port). While ``hold_replies`` is set,
+    bytes from the server are held (new connections hang too); :meth:`cut` shuts every
+    connection down; :meth:`close` stops listening."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
