@@ -119,6 +119,8 @@ class AMQPConsumer(Consumer):
         self._started = threading.Event()
         self._closed = False
         self._rx_bytes, self._rx_at = -1, time.monotonic()
+        self._active_at = 0.0  # last delivery or applied ack (monotonic)
+        self._waiting_long = False
         self.error: BaseException | None = None
         self.queues: list[str] = []
         self._thread = threading.Thread(target=self._run, name=f"celeriac-amqp-{name}", daemon=True)
@@ -180,10 +182,10 @@ class AMQPConsumer(Consumer):
         if not self.no_ack:
             gen, tag = delivery.tag
             self._ops.append((gen, tag, "ack", False))
-            # While deliveries are unacked the I/O loop turns every ACK_DELAY seconds and
-            # applies queued acks itself; wake it only when the prefetch window is used up (or
-            # ops pile up), sparing a wake-up per message.
-            if (not self.prefetch or len(self._ops) >= self.prefetch // 2 + 1
+            # While messages flow the I/O loop turns every ACK_DELAY seconds and applies queued
+            # acks itself; wake it only when it waits long (idle), when the prefetch window is
+            # used up or when acks pile up, sparing a wake-up per message.
+            if (self._waiting_long or not self.prefetch or len(self._ops) >= self.prefetch // 2 + 1
                     or len(self._outstanding) >= self.prefetch):
                 self._wake()
 
@@ -268,6 +270,7 @@ class AMQPConsumer(Consumer):
         tag = method.delivery_tag
         if not self.no_ack:
             self._outstanding[tag] = None
+            self._active_at = time.monotonic()
         self._batch.append(Delivery(message, queue, (self._gen, tag), exchange, routing_key,
                                     bool(method.redelivered)))
 
@@ -303,6 +306,8 @@ class AMQPConsumer(Consumer):
             return
         acks: set[int] = set()
         rejects: list[tuple[int, bool]] = []
+        if self._ops:
+            self._active_at = time.monotonic()
         while self._ops:
             gen, tag, op, requeue = self._ops.popleft()
             if gen != self._gen or tag not in self._outstanding:
@@ -381,8 +386,15 @@ class AMQPConsumer(Consumer):
                         intervals = self.broker.retry_policy.intervals()
                         self._started.set()
                     link = self._link
-                    link.connection.process_data_events(
-                        time_limit=ACK_DELAY if self._outstanding and not self.no_ack else 1.0)
+                    # Short turns while messages flow (acks are then applied without a wake-up),
+                    # long waits when idle or only long tasks run (ack() wakes the loop then).
+                    self._waiting_long = True
+                    flowing = bool(self._ops) or (bool(self._outstanding) and not self.no_ack
+                                                  and time.monotonic() - self._active_at < 1.0)
+                    if flowing:
+                        self._waiting_long = False
+                    link.connection.process_data_events(time_limit=ACK_DELAY if flowing else 1.0)
+                    self._waiting_long = False
                     self._check_peer(link)
                     self._hand_over()
                     if not link.channel.is_open:
