@@ -223,18 +223,33 @@ class TaskConsumer:
             if cancel is not None:
                 self._queue_changes.append(("cancel", cancel))
 
+    @staticmethod
+    def _with_changes(queues: list[Queue], changes: list[tuple[str, Queue | str]]) -> list[Queue]:
+        out = list(queues)
+        for action, value in changes:
+            if action == "add" and not isinstance(value, str) and value.name not in {q.name for q in out}:
+                out.append(value)
+            elif action == "cancel":
+                out = [q for q in out if q.name != value]
+        return out
+
+    def planned_queues(self) -> list[Queue]:
+        """The queues consumed once the pending ``add_consumer``/``cancel_consumer`` commands are
+        applied (they are within ``fetch_timeout``): what remote control reports. Thread-safe."""
+        with self._lock:
+            changes = list(self._queue_changes)
+        return self._with_changes(list(self.queues), changes)
+
     def _apply_queue_changes(self) -> None:
         with self._lock:
             changes, self._queue_changes = self._queue_changes, []
-        queues = list(self.queues)
-        for action, value in changes:
-            if action == "add" and not isinstance(value, str) and value.name not in {q.name for q in queues}:
-                self.app.broker.declare(value)
-                queues.append(value)
-            elif action == "cancel":
-                queues = [q for q in queues if q.name != value]
+        queues = self._with_changes(list(self.queues), changes)
         if [q.name for q in queues] == [q.name for q in self.queues]:
             return
+        known = {q.name for q in self.queues}
+        for queue in queues:
+            if queue.name not in known:
+                self.app.broker.declare(queue)
         switching = self.consumer
         if not isinstance(switching, SwitchingConsumer):
             switching = SwitchingConsumer(lambda qs: self.app.broker.consumer(qs, self.prefetch), self.consumer)

@@ -144,7 +144,8 @@ def stats(worker: Worker) -> Any:
 @handler("active_queues")
 def active_queues(worker: Worker) -> Any:
     result = []
-    for queue in list(worker.queues):
+    consumer = worker.task_consumer
+    for queue in consumer.planned_queues() if consumer is not None else list(worker.queues):
         exchange = queue.exchange
         assert exchange is not None
         result.append({"name": queue.name, "exchange": {"name": exchange.name, "type": exchange.type},
@@ -234,7 +235,7 @@ def add_consumer(worker: Worker, queue: str = "", exchange: str | None = None, e
     consumer = worker.task_consumer
     if consumer is None or not queue:
         return {"error": "add_consumer needs a queue name and a running worker"}
-    if any(q.name == queue for q in consumer.queues):
+    if any(q.name == queue for q in consumer.planned_queues()):
         return {"ok": f"already consuming from {queue!r}"}
     declared = worker.app.router.queues.get(queue)
     if declared is None or exchange or routing_key:
@@ -248,7 +249,7 @@ def cancel_consumer(worker: Worker, queue: str = "", **options: Any) -> Any:
     consumer = worker.task_consumer
     if consumer is None:
         return {"error": "worker not started"}
-    names = [q.name for q in consumer.queues]
+    names = [q.name for q in consumer.planned_queues()]
     if queue not in names:
         return {"error": f"not consuming from {queue!r}"}
     if names == [queue]:
