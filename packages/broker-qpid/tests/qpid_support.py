@@ -7,15 +7,25 @@ AMQP 1.0 cannot delete a queue, so tests delete theirs afterwards over AMQP 0-9-
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import subprocess
+import sys
+import textwrap
 import time
 import uuid
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from celeriac.testing.process import server_reachable
 
+#: The seed's tutorial project, copied by the end-to-end tests.
+SEED = Path(__file__).resolve().parents[3] / "examples" / "proj"
+#: The real ``celeriac`` command line.
+CELERIAC = [sys.executable, "-m", "celeriac"]
 QPID_URL = os.environ.get("CELERIAC_TEST_QPID_URL", "qpid://guest:guest@localhost:5672//")
 #: The same server over AMQP 0-9-1, for deleting test queues (and the bench's comparison).
 AMQP_URL = os.environ.get("CELERIAC_TEST_AMQP_URL", "amqp://guest:guest@localhost:5672//")
@@ -136,3 +146,29 @@ def delete_leaked_subscriptions() -> None:
              and row[2].startswith(SUBSCRIPTION_KEYS)}
     idle = {row[0] for row in run("list_queues", "name", "consumers") if len(row) == 2 and row[1] == "0"}
     delete_queues(sorted(bound & idle))
+
+
+def copy_seed(where: Path, *conf_lines: str) -> Path:
+    """Copy the seed's project to ``where/proj`` with ``conf_lines`` appended to its
+    ``celery.py``; return the project's directory."""
+    project = where / "proj"
+    shutil.copytree(SEED, project, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(project / "celery.py", "a") as handle:
+        handle.write("\n" + "".join(f"{line}\n" for line in conf_lines))
+    return project
+
+
+def run_client(code: str, cwd: Path, env: dict[str, str], timeout: float = 120) -> Any:
+    """Run ``code`` in a client process; return the JSON it printed last."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=timeout, check=False)
+    assert out.returncode == 0, f"client failed:\n{out.stdout}\n{out.stderr[-4000:]}"
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def celeriac(cwd: Path, env: dict[str, str], *args: str, timeout: float = 60) -> str:
+    """Run one ``celeriac`` command line; return its stdout (fails with its output on error)."""
+    out = subprocess.run([*CELERIAC, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                         timeout=timeout, check=False)
+    assert out.returncode == 0, f"$ celeriac {' '.join(args)}\n{out.stdout}\n{out.stderr[-3000:]}"
+    return out.stdout

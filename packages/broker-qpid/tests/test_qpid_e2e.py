@@ -6,49 +6,32 @@ The seed tutorial with ``-b qpid://guest:guest@localhost:5672//`` and ``rpc://``
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from qpid_support import delete_queues, unique
+from qpid_support import (
+    CELERIAC,
+    celeriac,
+    copy_seed,
+    delete_queues,
+    run_client,
+    unique,
+)
 
-SEED = Path(__file__).resolve().parents[3] / "examples" / "proj"
-CELERIAC = [sys.executable, "-m", "celeriac"]
 URL = "qpid://guest:guest@localhost:5672//"
-
-
-def run_client(code: str, cwd: Path, env: dict[str, str], timeout: float = 120) -> Any:
-    """Run ``code`` in a client process; return the JSON it printed last."""
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=timeout, check=False)
-    assert out.returncode == 0, f"client failed:\n{out.stdout}\n{out.stderr[-4000:]}"
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def celeriac(cwd: Path, env: dict[str, str], *args: str, timeout: float = 60) -> str:
-    """Run one ``celeriac`` command line; return its stdout (fails with its output on error)."""
-    out = subprocess.run([*CELERIAC, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=timeout, check=False)
-    assert out.returncode == 0, f"$ celeriac {' '.join(args)}\n{out.stdout}\n{out.stderr[-3000:]}"
-    return out.stdout
 
 
 @pytest.fixture
 def seed_project(tmp_path: Path, qpid_url: str) -> Iterator[tuple[Path, dict[str, str]]]:
     """A copy of the seed's project whose default queue is unique to this test."""
-    shutil.copytree(SEED, tmp_path / "proj", ignore=shutil.ignore_patterns("__pycache__"))
     queue = unique("e2e")
-    with open(tmp_path / "proj" / "celery.py", "a") as handle:
-        handle.write(f"\napp.conf.task_default_queue = {queue!r}  # test isolation\n")
+    copy_seed(tmp_path, f"app.conf.task_default_queue = {queue!r}  # test isolation")
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "CELERIAC_BROKER_URL": qpid_url,
            "CELERIAC_RESULT_BACKEND": "rpc://"}
     yield tmp_path, env

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from celeriac.broker.base import BATCH, BROADCAST, REPLY_QUEUES
 from celeriac.exceptions import DecodeError, ImproperlyConfigured
 from celeriac.protocol import Message
 from celeriac.routing import Exchange, Queue
@@ -111,6 +112,21 @@ def test_plain_unknown_exchanges_and_broadcasts_are_addresses_with_a_subject() -
     assert broker._source(replies) == Source("oid.reply.celery.pidbox", "reply.celery.pidbox", False,
                                              ("topic",), "oid")
     assert broker._queue_target(replies).address == "reply.celery.pidbox"
+
+
+def test_broadcast_can_be_declared_off() -> None:
+    """For a broker with no multicast for the dialect's addresses (RabbitMQ's bare addresses,
+    Service Bus): remote control and events then say they are not available."""
+    assert QpidBroker("qpid://localhost//", {}).has(BROADCAST)
+    broker = QpidBroker("qpid://localhost//", {"broker_transport_options": {"address_dialect": "plain",
+                                                                            "broadcast": False}})
+    assert not broker.has(BROADCAST) and broker.has(REPLY_QUEUES) and broker.has(BATCH)
+    assert QpidBroker.capabilities == frozenset({BROADCAST, REPLY_QUEUES, BATCH})  # the class keeps it
+    with pytest.raises(NotImplementedError, match="does not support broadcast"):
+        broker.broadcast("celeryev", Message({}, {}, b""), "task.sent")
+    with pytest.raises(NotImplementedError, match="does not support broadcast"):
+        broker.subscribe("celery.pidbox")
+    assert broker._reactor is None  # refused before connecting
 
 
 def test_plain_virtual_host_is_the_url_path_or_the_host() -> None:

@@ -11,8 +11,9 @@ matches ``K`` (direct, topic or fanout rules). A message for an exchange nobody 
 goes to the dialect's exchange address (RabbitMQ: ``/topic/<X>.<K>`` on ``amq.topic``, where
 a remote-control reply queue bound to ``X`` is consumed; see :mod:`celeriac_qpid.address`).
 
-Capabilities: ``broadcast`` (remote control, events), ``reply_queues`` (``rpc://``) and
-``batch``. Not declared: ``delay`` (AMQP 1.0 brokers differ; the worker holds ETA tasks),
+Capabilities: ``broadcast`` (remote control, events; off with the transport option
+``broadcast=False``, for a broker with no multicast for the dialect's addresses),
+``reply_queues`` (``rpc://``) and ``batch``. Not declared: ``delay`` (AMQP 1.0 brokers differ; the worker holds ETA tasks),
 ``priority`` (RabbitMQ 3.x cannot declare ``x-max-priority`` over AMQP 1.0: a queue with
 ``max_priority`` must be created beforehand, and is then honoured) and ``queue_size`` (AMQP 1.0
 cannot count a queue).
@@ -80,6 +81,10 @@ class QpidBroker(Broker):
         self.endpoints = parse_url(url)
         self.dialect = dialect_from_conf(conf, self.safe_url)
         self.options = Options.from_conf(conf)
+        if not (conf.get("broker_transport_options") or {}).get("broadcast", True):
+            # a broker without multicast for the dialect's addresses: remote control and events
+            # say they are not available instead of sharing one queue between subscribers
+            self.capabilities = self.capabilities - {BROADCAST}  # type: ignore[misc]
         self._reactor: Reactor | None = None
         self._lock = threading.Lock()
         self._declared: dict[str, Queue] = {}
@@ -320,7 +325,10 @@ class QpidBroker(Broker):
 
     def broadcast(self, exchange: str, message: Message, routing_key: str = "") -> None:
         """Send ``message`` to every current subscriber of ``exchange`` (fire-and-forget,
-        pre-settled). Thread-safe."""
+        pre-settled). Thread-safe. Raises ``NotImplementedError`` when the transport option
+        ``broadcast`` is off."""
+        if BROADCAST not in self.capabilities:
+            super().broadcast(exchange, message, routing_key)
         address, subject, capabilities = self.dialect.broadcast(exchange, routing_key)
         target = Target(address, capabilities=capabilities, presettled=True, subject=subject)
         self.reactor.publish(target, codec.encode(message, subject, self._broadcast_ttl(exchange)),
@@ -337,7 +345,10 @@ class QpidBroker(Broker):
         return float(conf.get("control_queue_ttl") or 300.0)
 
     def subscribe(self, exchange: str, pattern: str = "#") -> Subscription:
-        """Receive broadcasts of ``exchange`` matching ``pattern`` from now on."""
+        """Receive broadcasts of ``exchange`` matching ``pattern`` from now on. Raises
+        ``NotImplementedError`` when the transport option ``broadcast`` is off."""
+        if BROADCAST not in self.capabilities:
+            return super().subscribe(exchange, pattern)
         return QpidSubscription(self.reactor, exchange, pattern, self.options.attach_timeout)
 
     def close(self) -> None:
