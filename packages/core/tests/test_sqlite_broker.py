@@ -13,7 +13,7 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -320,6 +320,71 @@ def test_chord_member_reported_twice_counts_once(tmp_path: Path) -> None:
         done = backend.chord_part_return("g", 1, "t1", states.SUCCESS, 1)
         assert done is not None and [e[0] for e in done] == ["t0", "t1"]
         backend.close()
+
+
+def _steps(backend: SQLiteBackend, call: Callable[[], object]) -> int:
+    """SQLite virtual-machine steps (in units of 100) spent by ``call`` on this thread's
+    connection: a cost that does not depend on the machine's speed or load."""
+    conn = backend._conn()
+    count = [0]
+
+    def tick() -> int:
+        count[0] += 1
+        return 0
+
+    conn.set_progress_handler(tick, 100)
+    try:
+        call()
+    finally:
+        conn.set_progress_handler(None, 100)
+    return count[0]
+
+
+def test_chord_join_cost_does_not_grow_with_the_chord(tmp_path: Path) -> None:
+    backend = SQLiteBackend(f"sqlite:///{tmp_path / 'r.db'}", {})
+    size = 4000
+    backend.set_chord_size("g", size)
+    costs = {}
+    for index in range(size - 1):
+        if index in (50, size - 2):
+            costs[index] = _steps(backend, lambda i=index: backend.chord_part_return(
+                "g", i, f"t{i}", states.SUCCESS, i))
+        else:
+            backend.chord_part_return("g", index, f"t{index}", states.SUCCESS, index)
+    # Counting the stored parts on every call made the 3,999th member cost ~80x the 51st.
+    assert costs[size - 2] <= 2 * costs[50] + 5, costs
+    done = backend.chord_part_return("g", size - 1, f"t{size - 1}", states.SUCCESS, size - 1)
+    assert done is not None and [e[2] for e in done] == list(range(size))
+    backend.close()
+
+
+def test_chord_size_recorded_after_members_counts_them(tmp_path: Path) -> None:
+    backend = SQLiteBackend(f"sqlite:///{tmp_path / 'r.db'}", {})
+    assert backend.chord_part_return("g", 0, "t0", states.SUCCESS, 0) is None
+    backend.set_chord_size("g", 2)
+    done = backend.chord_part_return("g", 1, "t1", states.SUCCESS, 1)
+    assert done is not None and [e[0] for e in done] == ["t0", "t1"]
+    backend.close()
+
+
+def test_a_chord_half_joined_by_an_earlier_version_completes(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE celeriac_chords (group_id TEXT PRIMARY KEY, size INTEGER NOT NULL);"
+        "CREATE TABLE celeriac_chord_parts (seq INTEGER PRIMARY KEY, group_id TEXT NOT NULL, "
+        "task_id TEXT NOT NULL, group_index INTEGER, state TEXT NOT NULL, result BLOB NOT NULL, "
+        "UNIQUE (group_id, task_id));"
+        "INSERT INTO celeriac_chords VALUES ('g', 3);")
+    backend = SQLiteBackend(f"sqlite:///{path}", {})
+    for index in (0, 1):
+        old.execute("INSERT INTO celeriac_chord_parts (group_id, task_id, group_index, state, result) "
+                    "VALUES ('g', ?, ?, 'SUCCESS', ?)", (f"t{index}", index, backend.encode(index)))
+    old.commit()
+    old.close()
+    done = backend.chord_part_return("g", 2, "t2", states.SUCCESS, 2)
+    assert done is not None and [(e[0], e[2]) for e in done] == [("t0", 0), ("t1", 1), ("t2", 2)]
+    backend.close()
 
 
 def test_results_expire(tmp_path: Path) -> None:
