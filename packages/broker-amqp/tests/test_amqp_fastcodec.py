@@ -93,6 +93,28 @@ def test_properties_decode_as_pika_does(seed: int) -> None:
     assert vars(ours) == vars(theirs)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_properties_encode_as_pika_does(seed: int) -> None:
+    rng = random.Random(seed)
+    fields = {"content_type": "application/json", "content_encoding": b"utf-8",
+              "headers": dict(CELERY_HEADERS) if seed % 2 else {"é": [1, "x"], b"raw": None},
+              "delivery_mode": 2, "priority": 7, "correlation_id": str(uuid.uuid4()),
+              "reply_to": "r.q", "expiration": "1000", "message_id": "m",
+              "timestamp": 1700000000, "type": "t", "user_id": "guest", "app_id": "a",
+              "cluster_id": "c"}
+    chosen = {k: v for k, v in fields.items() if rng.random() < 0.6}
+    properties = pika.BasicProperties(**chosen)
+    assert b"".join(fastcodec.encode_properties(properties)) == b"".join(ORIGINAL["encode_properties"](properties))
+
+
+def test_property_and_key_limits_are_kept() -> None:
+    with pytest.raises(pika.exceptions.ShortStringTooLong):
+        fastcodec.encode_properties(pika.BasicProperties(reply_to="r" * 256))
+    with pytest.raises(ValueError, match="255 bytes"):
+        fastcodec.encode_table([], {"k" * 256: 1})
+    assert fastcodec.encode_table(pieces := [], {}) == 4 and b"".join(pieces) == b"\x00\x00\x00\x00"
+
+
 def test_a_celery_message_crosses_rabbitmq_intact(broker: AMQPBroker) -> None:
     queue = Queue(f"celeriac-test-codec-{uuid.uuid4().hex[:8]}")
     broker.declare(queue)

@@ -278,6 +278,9 @@ class AMQPConsumer(Consumer):
         if self._batch:
             batch, self._batch = self._batch, []
             self._out.put(batch)
+            # Let the woken fetcher take the GIL now rather than when this thread next blocks
+            # (after its ack and timer work): less latency per delivery.
+            time.sleep(0)
 
     def _on_cancel(self, method_frame: Any) -> None:
         tag = method_frame.method.consumer_tag

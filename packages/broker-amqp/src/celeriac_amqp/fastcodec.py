@@ -23,7 +23,7 @@ import pika.data
 import pika.exceptions
 import pika.spec
 
-__all__ = ["decode_properties", "decode_table", "encode_table", "install"]
+__all__ = ["decode_properties", "decode_table", "encode_properties", "encode_table", "install"]
 
 _U8 = struct.Struct(">B")
 _U32 = struct.Struct(">I")
@@ -156,18 +156,45 @@ def _encode(out: list[bytes], value: Any) -> None:
         raise pika.exceptions.UnsupportedAMQPFieldException(out, value)
 
 
+#: Encoded field names (length byte + UTF-8), by name: a task message repeats the same ~20.
+_KEYS: dict[Any, bytes] = {}
+_KEYS_MAX = 4096
+
+
+def _key(key: Any) -> bytes:
+    raw = key.encode("utf8") if isinstance(key, str) else bytes(key)
+    if len(raw) > 255:
+        raise ValueError(f"AMQP field table keys are at most 255 bytes: {raw[:40]!r}...")
+    encoded = _U8.pack(len(raw)) + raw
+    if isinstance(key, str) and len(_KEYS) < _KEYS_MAX:
+        _KEYS[key] = encoded
+    return encoded
+
+
+def _table_body(table: dict[Any, Any]) -> bytes:
+    parts: list[bytes] = []
+    append = parts.append
+    keys = _KEYS
+    pack32 = _U32.pack
+    for key, value in table.items():
+        append(keys.get(key) or _key(key))
+        kind = type(value)
+        if kind is str:  # most headers: inline the common cases
+            raw = value.encode("utf8")
+            append(b"S" + pack32(len(raw)))
+            append(raw)
+        elif value is None:
+            append(b"V")
+        else:
+            _encode(parts, value)
+    return b"".join(parts)
+
+
 def _encode_table(out: list[bytes], table: dict[Any, Any] | None) -> int:
-    start = len(out)
-    out.append(b"")
-    for key, value in (table or {}).items():
-        raw = key.encode("utf8") if isinstance(key, str) else bytes(key)
-        if len(raw) > 255:
-            raise ValueError(f"AMQP field table keys are at most 255 bytes: {raw[:40]!r}...")
-        out.append(_U8.pack(len(raw)) + raw)
-        _encode(out, value)
-    size = sum(len(piece) for piece in out[start + 1:])
-    out[start] = _U32.pack(size)
-    return size + 4
+    body = _table_body(table) if table else b""
+    out.append(_U32.pack(len(body)))
+    out.append(body)
+    return len(body) + 4
 
 
 def encode_table(pieces: list[bytes], table: dict[Any, Any] | None) -> int:
@@ -227,6 +254,66 @@ def decode_properties(self: pika.spec.BasicProperties, encoded: bytes, offset: i
     return self
 
 
+def _short_bytes(name: str, value: Any) -> bytes:
+    if not isinstance(value, (str, bytes)):
+        raise TypeError(f"The AMQP property {name} must be a str or bytes, not {type(value).__name__}.")
+    raw = value.encode("utf8") if isinstance(value, str) else value
+    if len(raw) > 255:
+        raise pika.exceptions.ShortStringTooLong(raw)
+    return _U8.pack(len(raw)) + raw
+
+
+def encode_properties(self: pika.spec.BasicProperties) -> list[bytes]:
+    """``BasicProperties.encode``: the property flags, then each present property in order."""
+    pieces: list[bytes] = []
+    flags = 0
+    if self.content_type is not None:
+        flags |= _P.FLAG_CONTENT_TYPE
+        pieces.append(_short_bytes("content_type", self.content_type))
+    if self.content_encoding is not None:
+        flags |= _P.FLAG_CONTENT_ENCODING
+        pieces.append(_short_bytes("content_encoding", self.content_encoding))
+    if self.headers is not None:
+        flags |= _P.FLAG_HEADERS
+        _encode_table(pieces, self.headers)
+    if self.delivery_mode is not None:
+        flags |= _P.FLAG_DELIVERY_MODE
+        pieces.append(_U8.pack(self.delivery_mode))
+    if self.priority is not None:
+        flags |= _P.FLAG_PRIORITY
+        pieces.append(_U8.pack(self.priority))
+    for name, flag in _SHORT_TAIL_1:
+        value = getattr(self, name)
+        if value is not None:
+            flags |= flag
+            pieces.append(_short_bytes(name, value))
+    if self.timestamp is not None:
+        flags |= _P.FLAG_TIMESTAMP
+        pieces.append(_U64.pack(self.timestamp))
+    for name, flag in _SHORT_TAIL_2:
+        value = getattr(self, name)
+        if value is not None:
+            flags |= flag
+            pieces.append(_short_bytes(name, value))
+    flag_pieces: list[bytes] = []
+    while True:
+        remainder = flags >> 16
+        partial = flags & 0xFFFE
+        if remainder:
+            partial |= 1
+        flag_pieces.append(_H.pack(partial))
+        flags = remainder
+        if not flags:
+            break
+    return flag_pieces + pieces
+
+
+_SHORT_TAIL_1 = (("correlation_id", _P.FLAG_CORRELATION_ID), ("reply_to", _P.FLAG_REPLY_TO),
+                 ("expiration", _P.FLAG_EXPIRATION), ("message_id", _P.FLAG_MESSAGE_ID))
+_SHORT_TAIL_2 = (("type", _P.FLAG_TYPE), ("user_id", _P.FLAG_USER_ID), ("app_id", _P.FLAG_APP_ID),
+                 ("cluster_id", _P.FLAG_CLUSTER_ID))
+
+
 _installed: dict[str, Callable[..., Any]] = {}
 
 
@@ -236,7 +323,9 @@ def install() -> None:
     if _installed:
         return
     _installed.update(decode_table=pika.data.decode_table, encode_table=pika.data.encode_table,
-                      decode_properties=pika.spec.BasicProperties.decode)
+                      decode_properties=pika.spec.BasicProperties.decode,
+                      encode_properties=pika.spec.BasicProperties.encode)
     pika.data.decode_table = decode_table
     pika.data.encode_table = encode_table
     pika.spec.BasicProperties.decode = decode_properties  # type: ignore[method-assign]
+    pika.spec.BasicProperties.encode = encode_properties  # type: ignore[method-assign]

@@ -207,11 +207,9 @@ class Tracer:
         self.ack(request)
 
     def _on_success(self, request: Request, retval: Any) -> None:
+        # Celery's order: the next steps are sent, then the result is stored (a waiting client
+        # gets it as early as possible), then the log line and the event.
         runtime = time.monotonic() - request.started_at
-        if logger.isEnabledFor(logging.INFO):
-            logger.info("Task %s[%s] succeeded in %.6fs: %r", request.name, request.id, runtime, retval)
-        if self.events is not None:
-            self.events.send("task-succeeded", uuid=request.id, result=repr(retval)[:1024], runtime=runtime)
         embed = request.message.embed
         headers = request.message.headers
         links = {"parent_id": request.id, "root_id": headers.get("root_id") or request.id}
@@ -233,6 +231,10 @@ class Tracer:
         if embed.get("chord"):
             self._chord_part(request, headers.get("group"), headers.get("group_index"), request.id,
                              embed["chord"], states.SUCCESS, retval)
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("Task %s[%s] succeeded in %.6fs: %r", request.name, request.id, runtime, retval)
+        if self.events is not None:
+            self.events.send("task-succeeded", uuid=request.id, result=repr(retval)[:1024], runtime=runtime)
         task = request.task
         task.on_success(retval, request.id, request.message.args, request.message.kwargs)
         if self.hooks.success is not None:
