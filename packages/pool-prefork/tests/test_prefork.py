@@ -250,3 +250,276 @@ def test_pool_grow_and_shrink_fork_and_retire_children(app: Celeriac) -> None:
         assert app.tasks["pf.add"].delay(2, 2).get(timeout=10) == 4
     finally:
         _stop(worker)
+
+
+# -- the pool on its own: pipelining, time limits, take-back, stopping -------------------------
+
+def _value_after(seconds: float, value: Any) -> Any:
+    time.sleep(seconds)
+    return value
+
+
+def _soft_probe(seconds: float) -> str:
+    try:
+        time.sleep(seconds)
+    except SoftTimeLimitExceeded:
+        return "interrupted"
+    return "finished"
+
+
+def _exit_after(seconds: float, code: int) -> None:
+    time.sleep(seconds)
+    os._exit(code)
+
+
+def _child_pid() -> int:
+    return os.getpid()
+
+
+class _Recorder:
+    """Callbacks for :meth:`PreforkPool.apply_async` that remember what happened to each job."""
+
+    def __init__(self) -> None:
+        self.outcomes: dict[str, list[Any]] = {}
+        self.started: list[str] = []
+        self.finished_at: dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    def submit(self, pool: Any, name: str, target: Any, *args: Any) -> Any:
+        def done(outcome: Any) -> None:
+            with self.lock:
+                self.outcomes.setdefault(name, []).append(outcome)
+                self.finished_at[name] = time.monotonic()
+
+        def start() -> None:
+            with self.lock:
+                self.started.append(name)
+
+        return pool.apply_async(target, args, done, on_start=start)
+
+    def wait(self, *names: str, timeout: float = 10) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while not all(n in self.outcomes for n in names):
+            assert time.monotonic() < deadline, f"no outcome for {set(names) - set(self.outcomes)}"
+            time.sleep(0.005)
+        return {n: self.outcomes[n][0] for n in names}
+
+
+@pytest.fixture
+def pool() -> Iterator[Any]:
+    from celeriac_prefork.pool import PreforkPool
+
+    pools: list[Any] = []
+
+    def make(concurrency: int = 1, **options: Any) -> Any:
+        p = PreforkPool(concurrency=concurrency, **options)
+        p.start()
+        pools.append(p)
+        return p
+
+    yield make
+    for p in pools:
+        p.stop(wait=False)
+
+
+def _warm_up(pool: Any, rec: _Recorder, n: int = 1) -> None:
+    """Short jobs on every child first: a child gets a second job only behind short ones."""
+    names = [f"warm{i}-{time.monotonic()}" for i in range(n)]
+    for name in names:
+        rec.submit(pool, name, _value_after, 0.0, name)
+    rec.wait(*names)
+
+
+def _wait_started_in_child(handle: Any) -> None:
+    from celeriac_prefork.child import STARTED
+
+    deadline = time.monotonic() + 10
+    while handle.slot.shared[STARTED] != handle.seq:
+        assert time.monotonic() < deadline, "the child never started the pipelined job"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("limit", ["soft", "hard"])
+def test_a_time_limit_meant_for_a_finished_job_spares_the_next_one(pool: Any, limit: str) -> None:
+    p = pool(1)
+    rec = _Recorder()
+    _warm_up(p, rec)
+    first = rec.submit(p, "first", _value_after, 0.0, "first")
+    second = rec.submit(p, "second", _soft_probe, 1.0)
+    assert second.slot is first.slot, "the second job was not pipelined"
+    # Hold the pool's lock: the parent cannot read the first job's answer, so to it the first
+    # job still runs, while the child has moved on to the second one.
+    with p._lock:
+        _wait_started_in_child(second)
+        exc = SoftTimeLimitExceeded if limit == "soft" else TimeLimitExceeded
+        assert p.raise_soft_timeout(first, exc) is False
+    outcomes = rec.wait("first", "second")
+    assert outcomes == {"first": "first", "second": "finished"}
+    assert rec.started[-2:] == ["first", "second"]
+
+
+def test_a_soft_time_limit_interrupts_the_pipelined_job_it_is_meant_for(pool: Any) -> None:
+    p = pool(1)
+    rec = _Recorder()
+    _warm_up(p, rec)
+    rec.submit(p, "first", _value_after, 0.0, "first")
+    second = rec.submit(p, "second", _soft_probe, 5.0)
+    _wait_started_in_child(second)
+    deadline = time.monotonic() + 10
+    while "first" not in rec.outcomes:  # the parent counts it started once the first answered
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert p.raise_soft_timeout(second, SoftTimeLimitExceeded) is True
+    assert rec.wait("second") == {"second": "interrupted"}
+
+
+def test_a_child_killed_with_a_second_job_queued_hands_that_job_back(pool: Any) -> None:
+    p = pool(1)
+    rec = _Recorder()
+    _warm_up(p, rec)
+    dying = rec.submit(p, "dying", _exit_after, 0.3, 7)
+    queued = rec.submit(p, "queued", _value_after, 0.0, "ran")
+    assert queued.slot is dying.slot, "the second job was not pipelined"
+    assert rec.wait("dying", "queued") == {"dying": "lost (exit code 7)", "queued": "notstarted"}
+    assert "queued" not in rec.started
+    # the replacement child runs what comes next
+    rec.submit(p, "after", _value_after, 0.0, "after")
+    assert rec.wait("after") == {"after": "after"}
+    assert all(len(v) == 1 for v in rec.outcomes.values())
+
+
+def test_a_hard_limit_kill_is_the_running_jobs_outcome_only(pool: Any) -> None:
+    p = pool(1)
+    rec = _Recorder()
+    _warm_up(p, rec)
+    stuck = rec.submit(p, "stuck", _value_after, 5.0, "stuck")
+    queued = rec.submit(p, "queued", _value_after, 0.0, "ran")
+    assert queued.slot is stuck.slot, "the second job was not pipelined"
+    _wait_started_in_child(stuck)
+    assert p.raise_soft_timeout(stuck, TimeLimitExceeded) is True
+    assert rec.wait("stuck", "queued") == {"stuck": "timeout", "queued": "notstarted"}
+
+
+def test_a_job_waiting_behind_a_long_one_moves_to_an_idle_child(pool: Any) -> None:
+    p = pool(2)
+    rec = _Recorder()
+    _warm_up(p, rec, n=2)
+    for attempt in range(10):  # until the third job is pipelined behind the long one
+        long = rec.submit(p, f"long{attempt}", _value_after, 1.5, "long")
+        rec.submit(p, f"short{attempt}", _value_after, 0.0, "short")
+        waiting = rec.submit(p, f"waiting{attempt}", _child_pid)
+        started = time.monotonic()
+        if waiting.slot is long.slot:
+            break
+        rec.wait(f"long{attempt}", f"short{attempt}", f"waiting{attempt}")
+    else:
+        pytest.fail("the third job was never pipelined behind the long one")
+    outcomes = rec.wait(f"long{attempt}", f"short{attempt}", f"waiting{attempt}")
+    assert outcomes[f"waiting{attempt}"] != long.pid
+    assert rec.finished_at[f"waiting{attempt}"] - started < 1.0
+    assert rec.started.count(f"waiting{attempt}") == 1 and len(rec.outcomes[f"waiting{attempt}"]) == 1
+
+
+def test_warm_stop_reports_every_job_once(pool: Any) -> None:
+    p = pool(1)
+    rec = _Recorder()
+    _warm_up(p, rec)
+    rec.submit(p, "running", _value_after, 0.5, "running")
+    pipelined = rec.submit(p, "pipelined", _value_after, 0.0, "pipelined")
+    assert pipelined.slot is not None, "the second job was not pipelined"
+    rec.submit(p, "queued", _value_after, 0.0, "queued")
+    time.sleep(0.1)
+    p.stop(wait=True)
+    assert rec.wait("running", "pipelined", "queued", timeout=1) == {
+        "running": "running", "pipelined": "notstarted", "queued": "notstarted"}
+    assert all(len(v) == 1 for v in rec.outcomes.values())
+    rec.submit(p, "late", _value_after, 0.0, "late")
+    assert rec.wait("late", timeout=1) == {"late": "notstarted"}
+
+
+def test_max_tasks_per_child_is_never_exceeded_while_pipelining(pool: Any) -> None:
+    import collections
+
+    p = pool(1, max_tasks_per_child=3)
+    rec = _Recorder()
+    _warm_up(p, rec)
+    names = [f"pid{i}" for i in range(12)]
+    for name in names:
+        rec.submit(p, name, _child_pid)
+    pids = collections.Counter(rec.wait(*names).values())
+    # the warm-up job was the first child's first
+    assert max(pids.values()) <= 3 and len(pids) >= 4
+    assert sum(pids.values()) == 12
+
+
+def _length(data: bytes) -> int:
+    return len(data)
+
+
+def test_large_payloads_and_results_cross_whole(pool: Any) -> None:
+    p = pool(2)
+    rec = _Recorder()
+    _warm_up(p, rec, n=2)
+    big = b"x" * (8 * 1024 * 1024)
+    for i in range(4):
+        rec.submit(p, f"big{i}", _length, big)
+        rec.submit(p, f"echo{i}", _value_after, 0.0, big)
+    outcomes = rec.wait(*(f"big{i}" for i in range(4)), *(f"echo{i}" for i in range(4)))
+    assert all(outcomes[f"big{i}"] == len(big) and outcomes[f"echo{i}"] == big for i in range(4))
+
+
+def test_a_task_queued_behind_one_whose_child_dies_runs_once(app: Celeriac, tmp_path: Path) -> None:
+    @app.task(name="pf.die_later")
+    def die_later() -> None:
+        time.sleep(0.3)
+        os._exit(5)
+
+    @app.task(name="pf.count")
+    def count(path: str, text: str) -> str:
+        with open(path, "a") as handle:
+            handle.write(text + "\n")
+        return text
+
+    @app.task(name="pf.short", ignore_result=True)
+    def short(path: str) -> None:
+        open(path, "w").close()
+
+    worker = _worker(app, concurrency=1)
+    pool = worker.pool
+    task_ids: dict[Any, str] = {}
+    behind: list[tuple[str, str]] = []  # (task id of the running job, task id sent behind it)
+    apply_async, send = pool.apply_async, pool._send
+
+    def apply_spy(target: Any, args: Any, callback: Any, on_start: Any = None) -> Any:
+        job = apply_async(target, args, callback, on_start)
+        task_ids[job] = args[0]["headers"]["id"]
+        return job
+
+    def send_spy(slot: Any, job: Any) -> None:
+        if slot.inflight:
+            behind.append((task_ids.get(slot.inflight[0], "?"), args_id(job)))
+        send(slot, job)
+
+    def args_id(job: Any) -> str:
+        import pickle
+
+        return str(pickle.loads(job.body)[1][0]["headers"]["id"])
+
+    pool.apply_async, pool._send = apply_spy, send_spy
+    try:
+        marker = str(tmp_path / "runs")
+        warm = str(tmp_path / "warm")
+        short.delay(warm)  # a short job first: a child gets a second job only behind short ones
+        deadline = time.monotonic() + 10
+        while not os.path.exists(warm):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        dying = die_later.delay()
+        counted = [count.delay(marker, f"run{i}") for i in range(3)]
+        with pytest.raises(WorkerLostError):
+            dying.get(timeout=20)
+        assert [r.get(timeout=20) for r in counted] == ["run0", "run1", "run2"]
+        assert any(head == dying.id for head, _ in behind), "no task was sent behind the dying one"
+        assert sorted(Path(marker).read_text().split()) == ["run0", "run1", "run2"]
+    finally:
+        _stop(worker)

@@ -1,0 +1,126 @@
+"""The loop of a prefork pool process, and the frame and shared-memory layout it shares with
+the parent (:mod:`celeriac_prefork.pool`).
+
+A job frame is :data:`HEAD` (body size, sequence number, time sent) and the pickle of
+``(target, args)``; an answer frame is :data:`HEAD` (size, the job's sequence number, how long
+it ran) and the pickle of the result. Jobs run in the order they arrive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celeriac.exceptions import SoftTimeLimitExceeded
+
+__all__ = ["CANCEL", "FINISHED", "HEAD", "SOFT", "STARTED", "child_main"]
+
+logger = logging.getLogger("celeriac.worker")
+
+#: Every frame: body size, sequence number, and a float (parent -> child: when it was sent;
+#: child -> parent: how long the job ran, in seconds).
+HEAD = struct.Struct("<QQd")
+#: Indexes in a slot's shared memory (signed 64-bit integers): the last job the child started
+#: and finished, the job a soft limit is meant for, and a pipelined job the parent took back.
+STARTED, FINISHED, SOFT, CANCEL = range(4)
+
+_shared: memoryview | None = None  # this process's slot memory (set in child_main)
+
+
+def _on_sigusr1(signum: int, frame: Any) -> None:
+    shared = _shared
+    if shared is not None and shared[SOFT] == shared[STARTED] != shared[FINISHED]:
+        raise SoftTimeLimitExceeded("The task's soft time limit was exceeded.")
+
+
+def child_main(sock: socket.socket, lock: Any, shared: memoryview,
+               initializer: tuple[Callable[..., Any], tuple[Any, ...]] | None,
+               inherited: list[Any]) -> None:
+    """The loop of a pool process: read a job frame, run ``target(*args)``, send the answer.
+
+    The child closes the parent's ends of every pool socket it inherited, and exits when its
+    parent is gone, so a killed worker never leaves children behind.
+    """
+    global _shared
+    for other in inherited:
+        try:
+            if isinstance(other, int):
+                os.close(other)
+            else:
+                other.close()
+        except OSError:
+            pass
+    parent = os.getppid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "SIGQUIT"):
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _shared = shared
+    signal.signal(signal.SIGUSR1, _on_sigusr1)
+    if initializer is not None:
+        fn, args = initializer
+        fn(*args)
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    head_size, unpack_from, pack = HEAD.size, HEAD.unpack_from, HEAD.pack
+    loads, dumps, clock = pickle.loads, pickle.dumps, time.monotonic
+    buf = bytearray()
+    chunk = bytearray(65536)
+    view = memoryview(chunk)
+    while True:
+        try:
+            while True:  # until buf holds a whole frame
+                if len(buf) >= head_size:
+                    size, seq, _sent_at = unpack_from(buf)
+                    end = head_size + size
+                    if len(buf) >= end:
+                        break
+                if not poller.poll(1000):
+                    if os.getppid() != parent:
+                        return
+                    continue
+                got = sock.recv_into(chunk)
+                if not got:
+                    return
+                buf += view[:got]
+        except (OSError, SoftTimeLimitExceeded):
+            return
+        body = buf[head_size:end]
+        del buf[:end]
+        started = clock()
+        try:
+            try:
+                with lock:
+                    if shared[CANCEL] == seq:  # taken back by the parent: it runs elsewhere
+                        continue
+                    shared[STARTED] = seq
+                target, args = loads(body)
+                result = target(*args)
+            finally:
+                shared[FINISHED] = seq
+        except SoftTimeLimitExceeded:  # landed after the task body had returned
+            result = "ack"
+        except BaseException:
+            logger.exception("Internal error in pool process")
+            result = "reject"
+        shared[FINISHED] = seq
+        runtime = clock() - started
+        try:
+            out = dumps(result, pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            logger.exception("Cannot send the result of a pool job to the parent")
+            out = dumps("reject", pickle.HIGHEST_PROTOCOL)
+        try:
+            sock.sendall(pack(len(out), seq, runtime) + out)
+        except (OSError, SoftTimeLimitExceeded):
+            return
