@@ -523,3 +523,17 @@ def test_a_task_queued_behind_one_whose_child_dies_runs_once(app: Celeriac, tmp_
         assert sorted(Path(marker).read_text().split()) == ["run0", "run1", "run2"]
     finally:
         _stop(worker)
+
+
+def test_jobs_submitted_before_start_run_once_it_starts() -> None:
+    from celeriac_prefork.pool import PreforkPool
+
+    p = PreforkPool(concurrency=2)
+    rec = _Recorder()
+    try:
+        for i in range(3):
+            rec.submit(p, f"early{i}", _value_after, 0.0, i)
+        p.start()
+        assert rec.wait("early0", "early1", "early2") == {"early0": 0, "early1": 1, "early2": 2}
+    finally:
+        p.stop(wait=True)

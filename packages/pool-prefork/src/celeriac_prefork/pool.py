@@ -178,11 +178,13 @@ class PreforkPool(Pool):
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         slots = [self._spawn() for _ in range(self.concurrency)]
+        self._io = threading.Thread(target=self._io_loop, name="PoolIO", daemon=True)
+        self._io.start()
         with self._lock:
             self._slots.extend(slots)
             self._new_slots.extend(slots)
-        self._io = threading.Thread(target=self._io_loop, name="PoolIO", daemon=True)
-        self._io.start()
+            self._dispatch()  # what was submitted before start
+        self._wake()
 
     def _wake(self) -> None:
         try:
