@@ -9,6 +9,7 @@ import time
 import uuid
 from typing import Any
 
+import pika
 import pika.connection
 import pika.spec
 from celeriac.protocol import Message
@@ -117,3 +118,49 @@ def test_a_stalled_peer_keeps_order_and_content(amqp_url: str) -> None:
         _published_in_order(f"amqp://guest:guest@127.0.0.1:{proxy.port}//", amqp_url, proxy)
     finally:
         proxy.close()
+
+
+def test_corked_writes_hold_until_the_block_ends(amqp_url: str) -> None:
+    queue = f"celeriac-test-corked-{uuid.uuid4().hex[:8]}"
+    params = pika.URLParameters("amqp://guest:guest@127.0.0.1:5672/%2F")
+    connection = pika.BlockingConnection(params)
+    try:
+        channel = connection.channel()
+        channel.queue_declare(queue, auto_delete=False)
+        sends: list[int] = []
+        transport = connection._impl._transport
+        real_sock = transport._sock
+
+        class _Counting:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real_sock, name)
+
+            def send(self, data: bytes) -> int:
+                sends.append(len(data))
+                return real_sock.send(data)
+
+        transport._sock = _Counting()
+        try:
+            try:
+                with fastwrite.corked(connection):
+                    for i in range(5):
+                        channel._impl.basic_publish("", queue, str(i).encode())
+                    assert sends == [], "nothing leaves while corked"
+                    raise RuntimeError("boom")
+            except RuntimeError:
+                pass
+            assert len(sends) == 1, "what was held leaves in one send"
+        finally:
+            transport._sock = real_sock
+        bodies = []
+        deadline = time.monotonic() + 10
+        while len(bodies) < 5 and time.monotonic() < deadline:
+            method, _, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                time.sleep(0.05)
+                continue
+            bodies.append(body)
+        assert bodies == [str(i).encode() for i in range(5)]
+        channel.queue_delete(queue)
+    finally:
+        connection.close()

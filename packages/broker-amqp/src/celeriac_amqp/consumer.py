@@ -26,7 +26,7 @@ from celeriac.broker.base import BrokerConnectionError, Consumer, Delivery, Subs
 from celeriac.protocol import Message
 from celeriac.routing import Queue
 
-from celeriac_amqp import delay
+from celeriac_amqp import delay, fastwrite
 from celeriac_amqp.link import (
     TRANSIENT_ERRORS,
     FatalConnectionError,
@@ -319,27 +319,32 @@ class AMQPConsumer(Consumer):
                 acks.add(tag)
             else:
                 rejects.append((tag, requeue))
+        if not acks and not rejects:
+            return
         channel = link.channel
-        if acks:
-            last = None
-            run = 0
-            for tag in self._outstanding:
-                if tag not in acks:
-                    break
-                last = tag
-                run += 1
-            if last is not None and run > 1:
-                channel.basic_ack(last, multiple=True)
-                for tag in list(self._outstanding)[:run]:
+        impl = channel._impl  # pika's channel: no flush per frame; one write and flush below
+        with fastwrite.corked(link.connection):
+            if acks:
+                last = None
+                run = 0
+                for tag in self._outstanding:
+                    if tag not in acks:
+                        break
+                    last = tag
+                    run += 1
+                if last is not None and run > 1:
+                    impl.basic_ack(last, multiple=True)
+                    for tag in list(self._outstanding)[:run]:
+                        del self._outstanding[tag]
+                        acks.discard(tag)
+                for tag in sorted(acks):
+                    impl.basic_ack(tag)
                     del self._outstanding[tag]
-                    acks.discard(tag)
-            for tag in sorted(acks):
-                channel.basic_ack(tag)
-                del self._outstanding[tag]
-        for tag, requeue in rejects:
-            if tag in self._outstanding:
-                channel.basic_reject(tag, requeue=requeue)
-                del self._outstanding[tag]
+            for tag, requeue in rejects:
+                if tag in self._outstanding:
+                    impl.basic_reject(tag, requeue=requeue)
+                    del self._outstanding[tag]
+        channel._flush_output()  # raises as basic_ack did when the broker closed the channel
 
     def _drop_link(self) -> None:
         link, self._link = self._link, None

@@ -11,19 +11,23 @@ poll and three sends, and a round trip paid that on both sides. With :func:`inst
   ``send()``; what the kernel does not take, and any error, goes the original way (buffered,
   writability watched), so ordering, partial sends and connection errors behave as before.
 
+Inside :func:`corked`, what a connection writes is collected and written once at the end (the
+consumer's acks of one loop turn: one ``send()`` instead of one per ack).
+
 The bytes on the wire are identical; only how they are handed to the kernel changes. TLS
 connections (pika's SSL transport) are left alone. ``tests/test_amqp_fastwrite.py`` checks both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pika.connection
 from pika.adapters.utils import io_services_utils
 
-__all__ = ["JOIN_LIMIT", "install"]
+__all__ = ["JOIN_LIMIT", "corked", "install"]
 
 #: Messages whose frames add up to at most this many bytes are sent as one buffer.
 JOIN_LIMIT = 256 * 1024
@@ -45,6 +49,10 @@ def _output_marshaled_frames(self: Any, marshaled_frames: Sequence[bytes]) -> No
 
 def _write(self: Any, data: bytes) -> None:
     """``_AsyncPlaintextTransport.write``: send at once when nothing is waiting to be sent."""
+    held = self.__dict__.get("_celeriac_held")
+    if held is not None:
+        held.append(data)
+        return
     if self._state == self._STATE_ACTIVE and data and not self._tx_buffers:
         try:
             sent = self._sock.send(data)
@@ -56,6 +64,25 @@ def _write(self: Any, data: bytes) -> None:
             return
         data = data[sent:]
     _installed["write"](self, data)
+
+
+@contextlib.contextmanager
+def corked(connection: Any) -> Iterator[None]:
+    """Collect what pika's ``BlockingConnection`` ``connection`` writes in the block, and write
+    it as one buffer when the block ends (also when it raises). Call it only from the thread
+    that owns the connection. Without :func:`install`, or on TLS, it changes nothing."""
+    transport = getattr(getattr(connection, "_impl", None), "_transport", None)
+    if not _installed or not isinstance(transport, io_services_utils._AsyncPlaintextTransport):
+        yield
+        return
+    held: list[bytes] = []
+    transport.__dict__["_celeriac_held"] = held
+    try:
+        yield
+    finally:
+        del transport.__dict__["_celeriac_held"]
+        if held:
+            transport.write(b"".join(held))
 
 
 def install() -> None:
