@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -223,3 +224,22 @@ def test_a_requeued_big_message_comes_back_intact(broker: RedisBroker, raw: redi
     consumer.flush()
     assert raw.hlen(prefix + "unacked") == 0
     consumer.close()
+
+
+def test_a_big_parked_message_is_delivered_intact(redis_url: str, raw: redis.Redis, prefix: str,
+                                                  broker_conf: Callable[..., dict[str, Any]]) -> None:
+    """The restore drops the parked marker from a large envelope and keeps the rest as it was."""
+    broker = RedisBroker(redis_url, broker_conf(native_delay=True))
+    try:
+        message = _task(BIG)
+        broker.publish(message, "", "celery", queue=Queue("celery"), not_before=time.time() + 0.2)
+        assert raw.hlen(prefix + "unacked") == 1 and raw.llen(prefix + "celery") == 0
+        wait_for(lambda: broker.sweep()[0] == 1, 10, "the parked message to be due")
+        stored = raw.lindex(prefix + "celery", 0)
+        assert stored is not None and b"celeriac_not_before" not in stored
+        decoded, exchange, routing_key, _, redelivered = decode_envelope(stored)
+        assert (exchange, routing_key, redelivered) == ("", "celery", False)
+        assert decoded.headers["id"] == message.headers["id"] and decode_task(decoded, None).args == [BIG]
+        assert raw.hlen(prefix + "unacked") == 0
+    finally:
+        broker.close()
