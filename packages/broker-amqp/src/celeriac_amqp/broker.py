@@ -45,7 +45,7 @@ from celeriac.broker.base import (
 from celeriac.protocol import Message, to_timestamp
 from celeriac.routing import Queue
 
-from celeriac_amqp import delay, fastcodec, fastwrite, fieldtable
+from celeriac_amqp import delay, fastcodec, fastread, fastwrite, fieldtable
 from celeriac_amqp.confirms import Unconfirmed
 from celeriac_amqp.consumer import (
     AMQPConsumer,
@@ -76,6 +76,7 @@ _RETRYABLE: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, BrokerConnecti
 
 fieldtable.install()
 fastcodec.install()
+fastread.install()
 fastwrite.install()
 
 # pika logs every lost connection with a traceback at ERROR level; this plugin reports
