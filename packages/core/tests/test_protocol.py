@@ -150,3 +150,19 @@ def test_decode_refuses_what_it_must() -> None:
     with pytest.raises(InvalidMessage):
         decode_task(Message({}, {}, b"[1, 2, 3]"), AcceptPolicy(["json"]))
     assert decode_task(good, AcceptPolicy(["application/json"])).args == [1]
+
+
+def test_argsrepr_of_large_arguments_is_the_cut_repr() -> None:
+    from celeriac.protocol import ARGSREPR_MAXSIZE, encode_task
+
+    big = "x" * 1_000_000
+    cases = [
+        ((big,), {}),
+        ((1, [big, b"y" * 5000], {"k": big}), {"data": big, "n": 1}),
+        (({"a": ("z" * 3000, 2)},), {"deep": [[["q" * 2000]]]}),
+        ((1, 2), {}),
+    ]
+    for args, kwargs in cases:
+        headers = encode_task("t", "id", args, kwargs).headers
+        assert headers["argsrepr"] == repr(tuple(args))[:ARGSREPR_MAXSIZE]
+        assert headers["kwargsrepr"] == repr(kwargs)[:ARGSREPR_MAXSIZE]

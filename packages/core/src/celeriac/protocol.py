@@ -85,10 +85,28 @@ def to_timestamp(value: Any) -> float | None:
     return parse_iso8601(value).timestamp()
 
 
+def _shortened(obj: Any, depth: int = 0) -> Any:
+    """``obj`` with every str/bytes longer than the repr limit cut just past it (inside tuples,
+    lists and dicts, 3 levels deep), so that a large argument is not copied into a repr that
+    is cut to 1,024 characters anyway. The cut repr is the same, except that a string's quote
+    character is chosen from its first 1,025 characters."""
+    if isinstance(obj, (str, bytes, bytearray)):
+        return obj[:ARGSREPR_MAXSIZE + 1] if len(obj) > ARGSREPR_MAXSIZE else obj
+    if depth >= 3:
+        return obj
+    if type(obj) is tuple:
+        return tuple(_shortened(item, depth + 1) for item in obj)
+    if type(obj) is list:
+        return [_shortened(item, depth + 1) for item in obj]
+    if type(obj) is dict:
+        return {key: _shortened(value, depth + 1) for key, value in obj.items()}
+    return obj
+
+
 def _saferepr(obj: Any) -> str:
     """``repr`` cut to Celery's 1024 characters; never raises."""
     try:
-        text = repr(obj)
+        text = repr(_shortened(obj))
     except Exception:  # a user object whose __repr__ fails must not stop the send
         text = f"<unrepresentable {type(obj).__name__}>"
     return text[:ARGSREPR_MAXSIZE]

@@ -137,10 +137,6 @@ class TaskConsumer:
                 continue
             for delivery in deliveries:
                 self.on_delivery(delivery)
-            if deliveries:
-                # Let the pool threads just handed work take the GIL now instead of at this
-                # thread's next blocking call.
-                time.sleep(0)
 
     def stop(self) -> None:
         """Stop fetching (the loop ends within ``fetch_timeout``)."""
