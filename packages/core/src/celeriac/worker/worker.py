@@ -25,6 +25,7 @@ from celeriac.worker.consumer import TaskConsumer
 from celeriac.worker.control import Pidbox
 from celeriac.worker.heartbeat import Heart
 from celeriac.worker.liveness import HeartbeatFile
+from celeriac.worker.logsink import CombiningFileHandler, CombiningStreamHandler
 
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
@@ -42,27 +43,29 @@ class WorkerFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__(LOG_FORMAT)
-        self._second = -1
-        self._stamp = ""
+        # (second, its text), replaced as one object: threads format concurrently.
+        self._stamp = (-1, "")
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         second = int(record.created)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return f"{self._stamp},{int(record.msecs):03d}"
+        cached = self._stamp
+        if cached[0] != second:
+            cached = self._stamp = (second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
+        return f"{cached[1]},{int(record.msecs):03d}"
 
 
 def setup_logging(loglevel: str | int = "INFO", logfile: str | None = None) -> None:
     """Configure the root logger with the worker's format.
 
     Caller lookup (file/line of each log call) is turned off: the format does not show it and
-    it is the most expensive part of a log record.
+    it is the most expensive part of a log record. The handler lets threads log without waiting
+    for each other (:mod:`celeriac.worker.logsink`).
     """
     level = loglevel if isinstance(loglevel, int) else logging.getLevelName(str(loglevel).upper())
     if not isinstance(level, int):
         raise ValueError(f"Unknown log level {loglevel!r}: use DEBUG, INFO, WARNING, ERROR or CRITICAL.")
-    handler: logging.Handler = logging.FileHandler(logfile) if logfile else logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = (CombiningFileHandler(logfile) if logfile
+                                else CombiningStreamHandler(sys.stderr))
     handler.setFormatter(WorkerFormatter())
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = False

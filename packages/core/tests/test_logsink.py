@@ -1,0 +1,144 @@
+"""The worker's log handlers: every line once, whole, in order per thread, without lock waits."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+import time
+
+import pytest
+
+from celeriac.worker.logsink import CombiningFileHandler, CombiningStreamHandler
+from celeriac.worker.worker import WorkerFormatter, setup_logging
+
+
+def _logger(handler: logging.Handler, name: str) -> logging.Logger:
+    logger = logging.getLogger(name)
+    logger.propagate = False
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    return logger
+
+
+def test_lines_from_many_threads_are_whole_and_each_written_once() -> None:
+    stream = io.StringIO()
+    logger = _logger(CombiningStreamHandler(stream), "test.logsink.threads")
+
+    def work(k: int) -> None:
+        for i in range(2000):
+            logger.info("thread %d line %d %s", k, i, "x" * (i % 50))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 16000
+    for k in range(8):
+        mine = [line for line in lines if line.startswith(f"thread {k} ")]
+        assert mine == [f"thread {k} line {i} {'x' * (i % 50)}" for i in range(2000)]
+
+
+class _SlowStream(io.StringIO):
+    """A stream whose first write blocks until released, to hold the writer's turn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> int:
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(10)
+        return super().write(text)
+
+
+def test_a_line_logged_while_another_thread_writes_is_written_without_a_later_call() -> None:
+    stream = _SlowStream()
+    logger = _logger(CombiningStreamHandler(stream), "test.logsink.slow")
+    first = threading.Thread(target=logger.info, args=("first",))
+    first.start()
+    assert stream.entered.wait(10)
+    logger.info("second")  # returns at once: the first thread is writing
+    assert stream.getvalue() == ""
+    stream.release.set()
+    first.join(10)
+    assert stream.getvalue() == "first\nsecond\n"
+
+
+def test_file_handler_appends(tmp_path: pytest.TempPathFactory) -> None:
+    path = os.path.join(str(tmp_path), "worker.log")
+    with open(path, "w") as handle:
+        handle.write("earlier\n")
+    handler = CombiningFileHandler(path)
+    logger = _logger(handler, "test.logsink.file")
+    logger.info("one")
+    logger.warning("two")
+    handler.close()
+    with open(path) as handle:
+        assert handle.read() == "earlier\none\ntwo\n"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_while_the_parent_writes_can_log(tmp_path: pytest.TempPathFactory) -> None:
+    path = os.path.join(str(tmp_path), "fork.log")
+    stream = _SlowStream()
+    logger = _logger(CombiningStreamHandler(stream), "test.logsink.fork")
+    writer = threading.Thread(target=logger.info, args=("parent",))
+    writer.start()
+    assert stream.entered.wait(10)  # the parent's writer holds its turn while we fork
+    logger.info("pending in the parent")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            with open(path, "w") as out:
+                handler = logger.handlers[0]
+                assert isinstance(handler, CombiningStreamHandler)
+                handler.setStream(out)
+                logger.info("child")
+                out.flush()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    stream.release.set()
+    writer.join(10)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with open(path) as handle:
+        assert handle.read() == "child\n"
+    assert stream.getvalue() == "parent\npending in the parent\n"
+
+
+def test_worker_formatter_stamps_each_record_with_its_own_second() -> None:
+    formatter = WorkerFormatter()
+    records = []
+    for created in (1_700_000_000.25, 1_700_000_001.5, 1_700_000_000.75):
+        record = logging.LogRecord("x", logging.INFO, "", 0, "m", None, None)
+        record.created, record.msecs = created, (created % 1) * 1000
+        records.append(formatter.formatTime(record))
+    expected = [time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(c))) for c in
+                (1_700_000_000, 1_700_000_001, 1_700_000_000)]
+    assert records == [f"{expected[0]},250", f"{expected[1]},500", f"{expected[2]},750"]
+
+
+def test_setup_logging_installs_the_combining_handler(tmp_path: pytest.TempPathFactory) -> None:
+    root = logging.getLogger()
+    saved, level = list(root.handlers), root.level
+    try:
+        setup_logging("INFO", os.path.join(str(tmp_path), "w.log"))
+        assert [type(h) for h in root.handlers] == [CombiningFileHandler]
+        setup_logging("WARNING")
+        assert [type(h) for h in root.handlers] == [CombiningStreamHandler]
+        assert root.level == logging.WARNING
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in saved:
+            root.addHandler(handler)
+        root.setLevel(level)
