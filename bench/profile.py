@@ -108,7 +108,7 @@ def summarize(raw: Path, top: int = 15) -> str:
 
 def spy_command(out: Path, subprocesses: bool = False) -> list[str]:
     """``py-spy record`` writing collapsed stacks to ``out``, up to the ``--`` before the command."""
-    return [pyspy(), "record", "--format", "raw", "--rate", "250", "--gil", "--nonblocking",
+    return [pyspy(), "record", "--format", "raw", "--rate", os.environ.get("PYSPY_RATE", "250"), "--gil", "--nonblocking",
             *(["--subprocesses"] if subprocesses else []), "-o", str(out), "--"]
 
 

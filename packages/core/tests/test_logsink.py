@@ -142,3 +142,80 @@ def test_setup_logging_installs_the_combining_handler(tmp_path: pytest.TempPathF
         for handler in saved:
             root.addHandler(handler)
         root.setLevel(level)
+
+
+def _wait_for(predicate, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.002)
+    return bool(predicate())
+
+
+def test_info_lines_are_written_together_within_the_flush_interval() -> None:
+    writes: list[str] = []
+
+    class Recording(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return super().write(text)
+
+    stream = Recording()
+    logger = _logger(CombiningStreamHandler(stream, flush_interval=0.2), "test.logsink.interval")
+    for i in range(5):
+        logger.info("line %d", i)
+    assert stream.getvalue() == ""  # held back...
+    assert _wait_for(lambda: stream.getvalue() != "", 5)  # ...and written with no further call
+    assert writes == ["line 0\nline 1\nline 2\nline 3\nline 4\n"]  # in one write
+
+
+def test_a_warning_is_written_at_once_after_the_info_lines_before_it() -> None:
+    stream = io.StringIO()
+    logger = _logger(CombiningStreamHandler(stream, flush_interval=30), "test.logsink.warning")
+    logger.info("first")
+    logger.warning("second")
+    assert stream.getvalue() == "first\nsecond\n"
+
+
+def test_a_full_batch_is_written_without_waiting() -> None:
+    stream = io.StringIO()
+    logger = _logger(CombiningStreamHandler(stream, flush_interval=30, batch=3), "test.logsink.batch")
+    logger.info("a")
+    logger.info("b")
+    assert stream.getvalue() == ""
+    logger.info("c")
+    assert stream.getvalue() == "a\nb\nc\n"
+
+
+def test_flush_writes_what_is_pending() -> None:
+    stream = io.StringIO()
+    handler = CombiningStreamHandler(stream, flush_interval=30)
+    logger = _logger(handler, "test.logsink.flush")
+    logger.info("pending")
+    handler.flush()
+    assert stream.getvalue() == "pending\n"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_writes_its_info_lines_with_its_own_flusher(tmp_path: pytest.TempPathFactory) -> None:
+    path = os.path.join(str(tmp_path), "child.log")
+    stream = io.StringIO()
+    handler = CombiningStreamHandler(stream, flush_interval=0.05)
+    logger = _logger(handler, "test.logsink.forkflush")
+    logger.info("parent before")  # arms the parent's flusher
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            with open(path, "w") as out:
+                handler.setStream(out)
+                logger.info("child")
+                code = 0 if _wait_for(lambda: os.path.getsize(path) > 0, 5) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with open(path) as handle:
+        assert handle.read() == "child\n"
+    assert _wait_for(lambda: stream.getvalue() == "parent before\n")

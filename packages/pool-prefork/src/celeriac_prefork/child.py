@@ -70,57 +70,69 @@ def child_main(sock: socket.socket, lock: Any, shared: memoryview,
     if initializer is not None:
         fn, args = initializer
         fn(*args)
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    head_size, unpack_from, pack = HEAD.size, HEAD.unpack_from, HEAD.pack
-    loads, dumps, clock = pickle.loads, pickle.dumps, time.monotonic
-    buf = bytearray()
-    chunk = bytearray(65536)
-    view = memoryview(chunk)
-    while True:
-        try:
-            while True:  # until buf holds a whole frame
-                if len(buf) >= head_size:
-                    size, seq, _sent_at = unpack_from(buf)
-                    end = head_size + size
-                    if len(buf) >= end:
-                        break
-                if not poller.poll(1000):
-                    if os.getppid() != parent:
-                        return
-                    continue
-                got = sock.recv_into(chunk)
-                if not got:
-                    return
-                buf += view[:got]
-        except (OSError, SoftTimeLimitExceeded):
-            return
-        body = buf[head_size:end]
-        del buf[:end]
-        started = clock()
-        try:
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        head_size, unpack_from, pack = HEAD.size, HEAD.unpack_from, HEAD.pack
+        loads, dumps, clock = pickle.loads, pickle.dumps, time.monotonic
+        buf = bytearray()
+        chunk = bytearray(65536)
+        view = memoryview(chunk)
+        while True:
             try:
-                with lock:
-                    if shared[CANCEL] == seq:  # taken back by the parent: it runs elsewhere
+                while True:  # until buf holds a whole frame
+                    if len(buf) >= head_size:
+                        size, seq, _sent_at = unpack_from(buf)
+                        end = head_size + size
+                        if len(buf) >= end:
+                            break
+                    if not poller.poll(1000):
+                        if os.getppid() != parent:
+                            return
                         continue
-                    shared[STARTED] = seq
-                target, args = loads(body)
-                result = target(*args)
-            finally:
-                shared[FINISHED] = seq
-        except SoftTimeLimitExceeded:  # landed after the task body had returned
-            result = "ack"
-        except BaseException:
-            logger.exception("Internal error in pool process")
-            result = "reject"
-        shared[FINISHED] = seq
-        runtime = clock() - started
+                    got = sock.recv_into(chunk)
+                    if not got:
+                        return
+                    buf += view[:got]
+            except (OSError, SoftTimeLimitExceeded):
+                return
+            body = buf[head_size:end]
+            del buf[:end]
+            started = clock()
+            try:
+                try:
+                    with lock:
+                        if shared[CANCEL] == seq:  # taken back by the parent: it runs elsewhere
+                            continue
+                        shared[STARTED] = seq
+                    target, args = loads(body)
+                    result = target(*args)
+                finally:
+                    shared[FINISHED] = seq
+            except SoftTimeLimitExceeded:  # landed after the task body had returned
+                result = "ack"
+            except BaseException:
+                logger.exception("Internal error in pool process")
+                result = "reject"
+            shared[FINISHED] = seq
+            runtime = clock() - started
+            try:
+                out = dumps(result, pickle.HIGHEST_PROTOCOL)
+            except Exception:
+                logger.exception("Cannot send the result of a pool job to the parent")
+                out = dumps("reject", pickle.HIGHEST_PROTOCOL)
+            try:
+                sock.sendall(pack(len(out), seq, runtime) + out)
+            except (OSError, SoftTimeLimitExceeded):
+                return
+    finally:
+        _flush_logs()
+
+
+def _flush_logs() -> None:
+    """Write what the log handlers hold: the process ends with ``os._exit`` (no ``atexit``)."""
+    for handler in logging.getLogger().handlers:
         try:
-            out = dumps(result, pickle.HIGHEST_PROTOCOL)
-        except Exception:
-            logger.exception("Cannot send the result of a pool job to the parent")
-            out = dumps("reject", pickle.HIGHEST_PROTOCOL)
-        try:
-            sock.sendall(pack(len(out), seq, runtime) + out)
-        except (OSError, SoftTimeLimitExceeded):
-            return
+            handler.flush()
+        except Exception:  # a broken handler must not stop the exit
+            pass

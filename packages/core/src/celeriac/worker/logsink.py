@@ -1,15 +1,19 @@
-"""Log handlers whose callers never wait for each other.
+"""Log handlers whose callers never wait for each other or for a write.
 
 The standard ``StreamHandler`` holds a lock across the ``write`` and ``flush`` of every line. With
 the worker's eight pool threads logging "succeeded" while the consumer thread logs "received",
-threads queue on that lock and the GIL changes hands at every line: in a drain of no-op tasks on
+threads queued on that lock and the GIL changed hands at every line: in a drain of no-op tasks on
 RabbitMQ this was a fifth of the worker's Python time (py-spy, ``bench/profile.py``).
 
-Here each caller formats its own line, appends it to a deque and writes everything pending if no
-other thread is writing at that moment; otherwise the thread that is writing takes the line along
-before it lets go. Lines keep the order in which they were appended; each ``write`` carries all
-lines pending at that moment (one system call instead of one per line), and no line waits for a
-later log call.
+Here each caller formats its own line and appends it to a deque. Lines below ``WARNING`` are
+written by a flusher thread at most ``flush_interval`` seconds later (0.02 s for the worker), or at once
+when ``batch`` lines are pending: one ``write`` for many lines instead of one system call each.
+A ``WARNING`` or worse is written at once, with every line before it. Whoever writes takes all
+pending lines, and only one thread writes at a time; a thread that finds another one writing
+leaves its line to that writer, which checks for more before it lets go. Lines keep the order in
+which they were appended. :meth:`flush` (called by ``logging.shutdown`` at exit) writes what is
+pending. A process killed with ``SIGKILL`` loses at most ``flush_interval`` seconds of info
+lines.
 """
 
 from __future__ import annotations
@@ -23,9 +27,8 @@ from typing import IO
 
 __all__ = ["CombiningFileHandler", "CombiningStreamHandler"]
 
-
-#: Every handler made here; a forked child gets fresh locks and drops the parent's pending lines
-#: (the parent writes those).
+#: Every handler made here: a forked child gets fresh locks and its own flusher, and drops the
+#: parent's pending lines (the parent writes those).
 _handlers: weakref.WeakSet[_Combining] = weakref.WeakSet()
 
 
@@ -33,6 +36,10 @@ def _after_fork_in_child() -> None:
     for handler in list(_handlers):
         handler._writing = threading.Lock()
         handler._pending.clear()
+        handler._kick = threading.Event()
+        handler._armed = False
+        handler._flusher_pid = None
+        handler._starting = threading.Lock()
 
 
 class _Combining:
@@ -40,9 +47,15 @@ class _Combining:
 
     terminator: str
 
-    def _init_combining(self) -> None:
+    def _init_combining(self, flush_interval: float, batch: int) -> None:
+        self.flush_interval = max(0.0, float(flush_interval))
+        self.batch = max(1, int(batch))
         self._pending: collections.deque[str] = collections.deque()
         self._writing = threading.Lock()
+        self._kick = threading.Event()
+        self._armed = False
+        self._flusher_pid: int | None = None
+        self._starting = threading.Lock()
         _handlers.add(self)
 
     def handle(self, record: logging.LogRecord) -> bool:  # type: ignore[override]
@@ -53,14 +66,48 @@ class _Combining:
         return True
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Format ``record`` in the calling thread, queue the line and write what is pending."""
+        """Format ``record`` in the calling thread and queue the line (see the module)."""
         try:
             line = self.format(record) + self.terminator  # type: ignore[attr-defined]
         except Exception:
             self.handleError(record)  # type: ignore[attr-defined]
             return
         self._pending.append(line)
-        self._write_pending(record)
+        if record.levelno >= logging.WARNING or not self.flush_interval or len(self._pending) >= self.batch:
+            self._write_pending(record)
+        elif not self._armed:
+            self._arm()
+
+    def _arm(self) -> None:
+        self._armed = True
+        if self._flusher_pid != os.getpid():
+            with self._starting:
+                if self._flusher_pid != os.getpid():
+                    self._flusher_pid = os.getpid()
+                    threading.Thread(target=self._flush_loop, args=(weakref.ref(self),),
+                                     name="LogFlusher", daemon=True).start()
+        self._kick.set()
+
+    @staticmethod
+    def _flush_loop(ref: weakref.ReferenceType[_Combining]) -> None:
+        pid = os.getpid()
+        while True:
+            handler = ref()
+            if handler is None or handler._flusher_pid != pid:
+                return
+            kick, interval = handler._kick, handler.flush_interval
+            del handler  # no strong reference while waiting: the handler may be collected
+            if not kick.wait(60.0):
+                continue
+            kick.clear()
+            # Let more lines gather (the emitting threads keep running), then write them all.
+            threading.Event().wait(interval)
+            handler = ref()
+            if handler is None:
+                return
+            handler._armed = False
+            handler._write_pending()
+            del handler
 
     def _write_pending(self, record: logging.LogRecord | None = None) -> None:
         pending = self._pending
@@ -91,19 +138,26 @@ class _Combining:
 
 
 class CombiningStreamHandler(_Combining, logging.StreamHandler):  # type: ignore[type-arg]
-    """``logging.StreamHandler(stream)`` whose threads do not queue on a lock (see the module)."""
+    """``logging.StreamHandler(stream)`` whose threads do not queue on a lock (see the module).
 
-    def __init__(self, stream: IO[str] | None = None) -> None:
+    ``flush_interval`` (seconds) is how long an info line may wait to be written with others; 0
+    writes every line at once. ``batch`` is the number of pending lines that are written without waiting.
+    """
+
+    def __init__(self, stream: IO[str] | None = None, flush_interval: float = 0.0,
+                 batch: int = 256) -> None:
         super().__init__(stream)
-        self._init_combining()
+        self._init_combining(flush_interval, batch)
 
 
 class CombiningFileHandler(_Combining, logging.FileHandler):
-    """``logging.FileHandler(filename)`` (appending) whose threads do not queue on a lock."""
+    """``logging.FileHandler(filename)`` (appending) whose threads do not queue on a lock;
+    ``flush_interval`` and ``batch`` as for :class:`CombiningStreamHandler`."""
 
-    def __init__(self, filename: str, mode: str = "a", encoding: str | None = None) -> None:
+    def __init__(self, filename: str, mode: str = "a", encoding: str | None = None,
+                 flush_interval: float = 0.0, batch: int = 256) -> None:
         super().__init__(filename, mode, encoding)
-        self._init_combining()
+        self._init_combining(flush_interval, batch)
 
 
 if hasattr(os, "register_at_fork"):

@@ -36,6 +36,8 @@ __all__ = ["LOG_FORMAT", "Worker", "default_pool_name", "expand_hostname", "setu
 logger = logging.getLogger("celeriac.worker")
 
 LOG_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"
+#: Seconds an info line may wait to be written together with others (warnings go at once).
+LOG_FLUSH_INTERVAL = 0.02
 
 
 class WorkerFormatter(logging.Formatter):
@@ -59,13 +61,14 @@ def setup_logging(loglevel: str | int = "INFO", logfile: str | None = None) -> N
 
     Caller lookup (file/line of each log call) is turned off: the format does not show it and
     it is the most expensive part of a log record. The handler lets threads log without waiting
-    for each other (:mod:`celeriac.worker.logsink`).
+    for each other and writes info lines in batches at most ``LOG_FLUSH_INTERVAL`` seconds late
+    (:mod:`celeriac.worker.logsink`).
     """
     level = loglevel if isinstance(loglevel, int) else logging.getLevelName(str(loglevel).upper())
     if not isinstance(level, int):
         raise ValueError(f"Unknown log level {loglevel!r}: use DEBUG, INFO, WARNING, ERROR or CRITICAL.")
-    handler: logging.Handler = (CombiningFileHandler(logfile) if logfile
-                                else CombiningStreamHandler(sys.stderr))
+    handler: logging.Handler = (CombiningFileHandler(logfile, flush_interval=LOG_FLUSH_INTERVAL) if logfile
+                                else CombiningStreamHandler(sys.stderr, flush_interval=LOG_FLUSH_INTERVAL))
     handler.setFormatter(WorkerFormatter())
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = False
