@@ -155,7 +155,9 @@ class AsyncResult:
             self._raise_parent_failure()
         if self._meta is None:
             self._meta = self.backend.wait([self.id], timeout=timeout, interval=interval)[self.id]
-        if follow_parents and propagate:
+        # A parent's failure matters now only when this task failed too (a chain's unrun step,
+        # a chord body after a failed member): a task that succeeded had parents that did.
+        if follow_parents and propagate and self._meta.get("status") in states.PROPAGATE_STATES:
             self._raise_parent_failure()
         return self._finish(self._meta, propagate)
 
@@ -391,17 +393,40 @@ class EagerResult(AsyncResult):
         """Nothing is stored for eager results."""
 
 
-def _maybe_throw(result: Any) -> None:
-    """Raise ``result``'s exception if it (or, for a set, any member in order) failed."""
+def _maybe_throw(result: Any, fetched: dict[str, dict[str, Any]] | None = None) -> None:
+    """Raise ``result``'s exception if it (or, for a set, any member in order) failed.
+
+    The members of a set are read with one ``get_many`` (one ``MGET`` on Redis) when they share
+    a backend, not one read each; ``fetched`` holds what that read found.
+    """
     if isinstance(result, ResultSet):
+        unread = [m for m in result.results if _pending_meta(m)]
+        found: dict[str, dict[str, Any]] | None = None
+        if len(unread) > 1:
+            try:
+                backend = unread[0].backend
+                if all(m.backend is backend for m in unread):
+                    found = backend.get_many([m.id for m in unread])
+            except ResultsDisabled:
+                found = None  # each member raises it in its turn, as before
         for member in result.results:
-            _maybe_throw(member)
+            _maybe_throw(member, found)
         return
-    if not isinstance(result, AsyncResult) or isinstance(result, EagerResult):
+    if not _pending_meta(result) and not (isinstance(result, AsyncResult) and result._meta):
         return
-    meta = result._meta or result.backend.get(result.id)
+    if result._meta:
+        meta = result._meta
+    elif fetched is not None:
+        meta = fetched.get(result.id)
+    else:
+        meta = result.backend.get(result.id)
     if meta and meta.get("status") in states.PROPAGATE_STATES:
         result._finish(meta, True)
+
+
+def _pending_meta(result: Any) -> bool:
+    """True for a stored (not eager) result whose meta this process has not read yet."""
+    return isinstance(result, AsyncResult) and not isinstance(result, EagerResult) and not result._meta
 
 
 def result_from_tuple(data: Any, app: Celeriac | None = None) -> Any:
