@@ -1,9 +1,28 @@
-"""Celeriac's ``rpc://`` result backend: results as messages to the caller, like Celery's."""
+"""Celeriac's ``rpc://`` result backend: results as messages to the caller, like Celery's.
+
+The names below load on first access, so discovering the plugin imports no client library.
+"""
 
 from __future__ import annotations
 
-from celeriac_rpc.backend import RPCBackend
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "RPCBackend": "celeriac_rpc.backend",
+}
 
 __all__ = ["RPCBackend", "__version__"]
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from celeriac_rpc.backend import RPCBackend
+
+
+def __getattr__(name: str) -> Any:
+    """Load ``name`` from its module on first access. Raises ``AttributeError`` for others."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'celeriac_rpc' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

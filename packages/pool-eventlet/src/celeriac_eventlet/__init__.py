@@ -1,6 +1,28 @@
-"""Green pool for Celeriac workers (``-P eventlet``): thousands of I/O-bound tasks in one process."""
+"""Green pool for Celeriac workers (``-P eventlet``): thousands of I/O-bound tasks in one process.
 
-from celeriac_eventlet.pool import EventletPool
+The names below load on first access, so discovering the plugin imports no client library.
+"""
 
-__all__ = ["EventletPool"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "EventletPool": "celeriac_eventlet.pool",
+}
+
+__all__ = ["EventletPool", "__version__"]
+
+if TYPE_CHECKING:
+    from celeriac_eventlet.pool import EventletPool
+
+
+def __getattr__(name: str) -> Any:
+    """Load ``name`` from its module on first access. Raises ``AttributeError`` for others."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'celeriac_eventlet' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

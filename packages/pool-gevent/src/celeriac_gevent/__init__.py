@@ -1,6 +1,28 @@
-"""Green pool for Celeriac workers (``-P gevent``): thousands of I/O-bound tasks in one process."""
+"""Green pool for Celeriac workers (``-P gevent``): thousands of I/O-bound tasks in one process.
 
-from celeriac_gevent.pool import GeventPool
+The names below load on first access, so discovering the plugin imports no client library.
+"""
 
-__all__ = ["GeventPool"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "GeventPool": "celeriac_gevent.pool",
+}
+
+__all__ = ["GeventPool", "__version__"]
+
+if TYPE_CHECKING:
+    from celeriac_gevent.pool import GeventPool
+
+
+def __getattr__(name: str) -> Any:
+    """Load ``name`` from its module on first access. Raises ``AttributeError`` for others."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'celeriac_gevent' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
