@@ -219,3 +219,26 @@ def test_a_forked_child_writes_its_info_lines_with_its_own_flusher(tmp_path: pyt
     with open(path) as handle:
         assert handle.read() == "child\n"
     assert _wait_for(lambda: stream.getvalue() == "parent before\n")
+
+
+def test_the_worker_writes_its_ready_line_at_once(tmp_path: pytest.TempPathFactory) -> None:
+    from celeriac import Celeriac
+    from celeriac.testing.plugin import start_worker
+
+    stream = io.StringIO()
+    handler = CombiningStreamHandler(stream, flush_interval=30)  # batches would wait 30 s
+    handler.setFormatter(WorkerFormatter())
+    root = logging.getLogger()
+    saved, level = list(root.handlers), root.level
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    app = Celeriac("logsink", broker=f"sqlite:///{tmp_path}/broker.db", backend=None)
+    worker = start_worker(app, hostname="logsink@test")
+    try:
+        assert worker.ready.wait(20)
+        assert "logsink@test ready." in stream.getvalue()
+    finally:
+        worker.stop()
+        worker._thread.join(10)  # type: ignore[attr-defined]
+        root.handlers[:] = saved
+        root.setLevel(level)

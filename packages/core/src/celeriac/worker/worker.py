@@ -79,6 +79,15 @@ def setup_logging(loglevel: str | int = "INFO", logfile: str | None = None) -> N
     root.setLevel(level)
 
 
+def flush_log_handlers() -> None:
+    """Write what the root logger's handlers hold (the worker's handler batches info lines)."""
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:  # a broken handler must not stop the worker
+            logger.debug("Could not flush log handler %r", handler, exc_info=True)
+
+
 def default_pool_name() -> str:
     """``prefork`` when ``celeriac-prefork`` is installed, else ``threads``."""
     return "prefork" if "prefork" in available_pools() else "threads"
@@ -291,6 +300,7 @@ class Worker:
                 self.pidbox.start()
         self._start_heartbeat_file()
         logger.info("%s ready.", self.hostname)
+        flush_log_handlers()  # tools and people wait for this line: never batch it
         self.ready.set()
         if self.ready_callback is not None:
             self.ready_callback(self)
