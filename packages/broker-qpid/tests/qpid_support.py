@@ -15,7 +15,7 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -61,6 +61,21 @@ def delete_queues(names: Iterable[str]) -> None:
                     channel.close()
         finally:
             connection.close()
+
+
+@contextlib.contextmanager
+def connected_broker(url: str, conf: Mapping[str, Any]) -> Iterator[Any]:
+    """A connected ``QpidBroker(url, conf)``; closed on exit, and the queues it declared deleted."""
+    from celeriac_qpid import QpidBroker
+
+    broker = QpidBroker(url, dict(conf))
+    broker.connect()
+    try:
+        yield broker
+    finally:
+        declared = list(broker._declared)
+        broker.close()
+        delete_queues(declared)
 
 
 def _pika_params() -> object:

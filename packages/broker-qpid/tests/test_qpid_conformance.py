@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from celeriac.testing.broker_kit import BrokerConformance
-from qpid_support import delete_queues
+from qpid_support import connected_broker
 
 from celeriac_qpid import QpidBroker
 
@@ -16,12 +16,8 @@ class TestQpidConformance(BrokerConformance):
 
     @pytest.fixture
     def broker(self, qpid_url: str) -> Iterator[QpidBroker]:
-        b = QpidBroker(qpid_url, {})
-        b.connect()
-        yield b
-        declared = list(b._declared)
-        b.close()
-        delete_queues(declared)
+        with connected_broker(qpid_url, {}) as b:
+            yield b
 
     @pytest.fixture
     def make_broker(self, qpid_url: str) -> Callable[[], QpidBroker]:

@@ -30,6 +30,7 @@ from celeriac.testing.broker_kit import BrokerConformance
 from celeriac.testing.process import require_server
 from qpid_support import (
     CELERIAC,
+    connected_broker,
     copy_seed,
     delete_queues,
     ready_count,
@@ -50,13 +51,9 @@ class TestPlainDialectOnRabbitMQ(BrokerConformance):
 
     @pytest.fixture
     def broker(self, qpid_url: str) -> Iterator[QpidBroker]:
-        b = QpidBroker(qpid_url, PLAIN_ON_RABBITMQ)
-        b.connect()
-        assert b.dialect.name == "plain" and not b.has(BROADCAST)
-        yield b
-        declared = list(b._declared)
-        b.close()
-        delete_queues(declared)
+        with connected_broker(qpid_url, PLAIN_ON_RABBITMQ) as b:
+            assert b.dialect.name == "plain" and not b.has(BROADCAST)
+            yield b
 
     @pytest.fixture
     def make_broker(self, qpid_url: str) -> Callable[[], QpidBroker]:

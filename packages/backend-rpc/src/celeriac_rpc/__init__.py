@@ -5,8 +5,9 @@ The names below load on first access, so discovering the plugin imports no clien
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from celeriac.plugins import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -20,9 +21,4 @@ if TYPE_CHECKING:
     from celeriac_rpc.backend import RPCBackend
 
 
-def __getattr__(name: str) -> Any:
-    """Load ``name`` from its module on first access. Raises ``AttributeError`` for others."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'celeriac_rpc' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -6,8 +6,9 @@ The names below load on first access, so discovering the plugin does not import 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from celeriac.plugins import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -28,9 +29,4 @@ if TYPE_CHECKING:
     from celeriac_kombu.transports import MissingClientLibrary, UnknownTransport
 
 
-def __getattr__(name: str) -> Any:
-    """Load ``name`` from its module on first access. Raises ``AttributeError`` for others."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'celeriac_kombu' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _LAZY)
