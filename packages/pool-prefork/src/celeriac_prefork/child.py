@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celeriac.exceptions import SoftTimeLimitExceeded
+from celeriac.worker.worker import flush_log_handlers
 
 __all__ = ["CANCEL", "FINISHED", "HEAD", "SOFT", "STARTED", "child_main"]
 
@@ -126,13 +127,4 @@ def child_main(sock: socket.socket, lock: Any, shared: memoryview,
             except (OSError, SoftTimeLimitExceeded):
                 return
     finally:
-        _flush_logs()
-
-
-def _flush_logs() -> None:
-    """Write what the log handlers hold: the process ends with ``os._exit`` (no ``atexit``)."""
-    for handler in logging.getLogger().handlers:
-        try:
-            handler.flush()
-        except Exception:  # a broken handler must not stop the exit
-            pass
+        flush_log_handlers()  # the process ends with os._exit: no atexit, no logging.shutdown

@@ -34,12 +34,7 @@ _handlers: weakref.WeakSet[_Combining] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     for handler in list(_handlers):
-        handler._writing = threading.Lock()
-        handler._pending.clear()
-        handler._kick = threading.Event()
-        handler._armed = False
-        handler._flusher_pid = None
-        handler._starting = threading.Lock()
+        handler._reset()
 
 
 class _Combining:
@@ -50,13 +45,17 @@ class _Combining:
     def _init_combining(self, flush_interval: float, batch: int) -> None:
         self.flush_interval = max(0.0, float(flush_interval))
         self.batch = max(1, int(batch))
+        self._reset()
+        _handlers.add(self)
+
+    def _reset(self) -> None:
+        """No pending line, fresh locks, no flusher thread (also in a forked child)."""
         self._pending: collections.deque[str] = collections.deque()
         self._writing = threading.Lock()
         self._kick = threading.Event()
         self._armed = False
         self._flusher_pid: int | None = None
         self._starting = threading.Lock()
-        _handlers.add(self)
 
     def handle(self, record: logging.LogRecord) -> bool:  # type: ignore[override]
         """Filter and emit ``record`` without taking the handler's lock; True when emitted."""
