@@ -108,7 +108,8 @@ def summarize(raw: Path, top: int = 15) -> str:
 
 def spy_command(out: Path, subprocesses: bool = False) -> list[str]:
     """``py-spy record`` writing collapsed stacks to ``out``, up to the ``--`` before the command."""
-    return [pyspy(), "record", "--format", "raw", "--rate", os.environ.get("PYSPY_RATE", "250"), "--gil", "--nonblocking",
+    rate = os.environ.get("PYSPY_RATE", "250")  # samples per second
+    return [pyspy(), "record", "--format", "raw", "--rate", rate, "--gil", "--nonblocking",
             *(["--subprocesses"] if subprocesses else []), "-o", str(out), "--"]
 
 
