@@ -412,8 +412,9 @@ def _maybe_throw(result: Any, fetched: dict[str, dict[str, Any]] | None = None) 
         for member in result.results:
             _maybe_throw(member, found)
         return
-    if not _pending_meta(result) and not (isinstance(result, AsyncResult) and result._meta):
+    if not isinstance(result, AsyncResult) or isinstance(result, EagerResult):
         return
+    meta: dict[str, Any] | None
     if result._meta:
         meta = result._meta
     elif fetched is not None:
