@@ -1,12 +1,19 @@
-"""Consumers and broadcast subscriptions, each driven by its own I/O thread.
+"""Consumers and broadcast subscriptions: one connection each, driven by whoever waits on it.
 
-pika connections are not thread-safe, so each consumer owns one connection used only by its I/O
-thread. That thread keeps processing frames (heartbeats survive however long tasks run),
-appends deliveries to a thread-safe buffer that :meth:`AMQPConsumer.fetch` reads, and applies
-acks and rejects queued from any thread (woken through ``add_callback_threadsafe``), batched
-with ``multiple=True`` when they form a contiguous run. When the connection drops it reconnects
-with backoff and consumes again; deliveries of the lost connection are dropped locally (RabbitMQ
-redelivers them) and acks for them are ignored.
+pika connections are not thread-safe, so each consumer owns one connection that one thread at a
+time drives (reads frames, runs callbacks, writes acks) while holding the consumer's drive lock.
+The thread waiting in :meth:`AMQPConsumer.fetch` drives it itself, so a delivery reaches the
+thread that uses it without a hand-off between threads (a round trip's latency). The consumer's
+own I/O thread drives it whenever no fetcher has for :data:`TAKEOVER_AFTER` seconds (the
+fetcher runs a task, waits for pool capacity, or a client does not wait for results), so
+heartbeats are answered and acks applied however long the fetching thread is away; it buffers
+deliveries for the next :meth:`~AMQPConsumer.fetch`, and it alone connects and reconnects.
+
+Acks and rejects are queued from any thread (the driver is woken through
+``add_callback_threadsafe``) and applied batched with ``multiple=True`` when they form a
+contiguous run. When the connection drops the I/O thread reconnects with backoff and consumes
+again; deliveries of the lost connection are dropped locally (RabbitMQ redelivers them) and acks
+for them are ignored.
 """
 
 from __future__ import annotations
@@ -81,14 +88,18 @@ class _ChannelLost(Exception):
 
 Setup = Callable[[Link], list[str]]
 
-#: How long an ack may wait in the consumer before the I/O thread applies it, seconds.
+#: How long an ack may wait in the consumer before the driving thread applies it, seconds.
 ACK_DELAY = 0.005
+
+#: How long a fetching thread may leave the connection undriven before the I/O thread drives
+#: it again, seconds (it checks this often, so the gap is at most twice this).
+TAKEOVER_AFTER = 0.02
 
 _EXPECTED: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, _ChannelLost, BrokerConnectionError)
 
 
 class AMQPConsumer(Consumer):
-    """Consumes queues of an :class:`AMQPBroker` from a dedicated I/O thread.
+    """Consumes queues of an :class:`AMQPBroker`, driven by the fetching thread or its I/O thread.
 
     ``setup(link)`` declares what to consume and returns the queue names; it runs again after
     every reconnection. ``fetch`` is meant for one thread; ``ack``, ``reject``, ``flush`` and
@@ -118,6 +129,17 @@ class AMQPConsumer(Consumer):
         self._closing = threading.Event()
         self._started = threading.Event()
         self._closed = False
+        # Whoever runs pika holds _drive. _fetchers counts fetching threads driving or about to;
+        # _driven_at is when one last stopped; _fault is an error a fetcher hit while driving,
+        # for the I/O thread to handle (it reconnects). _park is the I/O thread's wait.
+        self._drive = threading.Lock()
+        self._park = threading.Condition(threading.Lock())
+        self._fetchers = 0
+        self._driven_at = 0.0
+        self._fault: BaseException | None = None
+        self._failures = 0
+        self._lost_at = 0.0
+        self._intervals = broker.retry_policy.intervals()
         self._rx_bytes, self._rx_at = -1, time.monotonic()
         self._active_at = 0.0  # last delivery or applied ack (monotonic)
         self._waiting_long = False
@@ -136,14 +158,54 @@ class AMQPConsumer(Consumer):
     def fetch(self, max_count: int, timeout: float) -> list[Delivery]:
         """Return up to ``max_count`` deliveries, waiting up to ``timeout`` s for the first.
 
-        Deliveries of a connection that was lost meanwhile are skipped (they are redelivered).
-        Raises ``BrokerConnectionError`` once reconnecting has been given up.
+        The calling thread drives the connection while it waits (one thread at a time: others
+        wait for the deliveries it buffers). Deliveries of a connection that was lost meanwhile
+        are skipped (they are redelivered). Raises ``BrokerConnectionError`` once reconnecting
+        has been given up.
         """
         deadline = time.monotonic() + max(0.0, timeout)
         if max_count <= 0:
             self._closing.wait(max(0.0, timeout))
             return []
         out: list[Delivery] = []
+        self._take_buffered(out, max_count)
+        while len(out) < max_count:
+            left = deadline - time.monotonic()
+            if out or self._closed:
+                break
+            if self._link is not None and self._fault is None:
+                self._drive_turn(out, max_count, left)
+                if out or left <= 0:
+                    break
+                continue
+            # (Re)connecting: the I/O thread hands deliveries over once it has a connection.
+            try:
+                batch = self._out.get(timeout=min(left, 0.05)) if left > 0 else self._out.get_nowait()
+            except queue_mod.Empty:
+                if left <= 0:
+                    break
+                continue
+            if batch is None:  # wake-up sentinel (closing or fatal error)
+                if self.error is not None:
+                    raise BrokerConnectionError(str(self.error))
+                continue
+            self._keep(batch, out, max_count)
+        if not out and self.error is not None and not self._closed:
+            raise BrokerConnectionError(str(self.error))
+        return out
+
+    def _keep(self, batch: list[Delivery], out: list[Delivery], max_count: int) -> None:
+        gen = self._gen
+        for item in batch:
+            if item.tag[0] != gen:
+                continue
+            if len(out) < max_count:
+                out.append(item)
+            else:
+                self._leftover.append(item)
+
+    def _take_buffered(self, out: list[Delivery], max_count: int) -> None:
+        """Move what is already buffered (left over, handed over by the I/O thread) to ``out``."""
         leftover = self._leftover
         while leftover and len(out) < max_count:
             item = leftover.popleft()
@@ -151,30 +213,49 @@ class AMQPConsumer(Consumer):
                 out.append(item)
         while len(out) < max_count:
             try:
-                left = deadline - time.monotonic()
-                if out or left <= 0:
-                    batch = self._out.get_nowait()
-                else:
-                    batch = self._out.get(timeout=left)
+                batch = self._out.get_nowait()
             except queue_mod.Empty:
-                break
-            if batch is None:  # wake-up sentinel (closing or fatal error)
+                return
+            if batch is None:
                 if self.error is not None and not out:
                     raise BrokerConnectionError(str(self.error))
-                if self._closed:
-                    break
                 continue
-            gen = self._gen
-            for item in batch:
-                if item.tag[0] != gen:
-                    continue
-                if len(out) < max_count:
-                    out.append(item)
-                else:
-                    leftover.append(item)
-        if not out and self.error is not None and not self._closed:
-            raise BrokerConnectionError(str(self.error))
-        return out
+            self._keep(batch, out, max_count)
+
+    def _drive_turn(self, out: list[Delivery], max_count: int, left: float) -> None:
+        """Drive the connection from the fetching thread for one turn of at most ``left`` s."""
+        with self._park:
+            self._fetchers += 1
+        try:
+            if not self._drive.acquire(blocking=False):
+                self._interrupt()  # the I/O thread drives: end its turn, it then parks
+                if not self._drive.acquire(timeout=max(left, 0.001)):
+                    return
+            try:
+                self._take_buffered(out, max_count)  # what the I/O thread buffered comes first
+                link = self._link
+                if out or link is None or self._fault is not None or self._closed:
+                    return
+                try:
+                    self._turn(link, left)
+                except Exception as exc:  # noqa: BLE001 - the I/O thread handles it
+                    self._fault = exc
+                    with self._park:
+                        self._park.notify()
+                batch, self._batch = self._batch, []
+                self._keep(batch, out, max_count)
+            finally:
+                self._driven_at = time.monotonic()
+                self._drive.release()
+        finally:
+            with self._park:
+                self._fetchers -= 1
+
+    def _interrupt(self) -> None:
+        link = self._link
+        if link is not None:
+            with contextlib.suppress(Exception):
+                link.connection.add_callback_threadsafe(_nothing)
 
     def ack(self, delivery: Delivery) -> None:
         """Acknowledge ``delivery`` (applied by the I/O thread). Thread-safe; a delivery of a
@@ -208,10 +289,33 @@ class AMQPConsumer(Consumer):
         self._closed = True
         self._closing.set()
         self._wake(force=True)
+        with self._park:
+            self._park.notify()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=15)
         self._out.put(None)
         self.broker._forget_consumer(self)
+
+    # -- driving (fetcher or I/O thread) ---------------------------------------------------------
+
+    def _turn(self, link: Link, limit: float) -> None:
+        """Process frames for up to ``limit`` s (less while messages flow, so queued acks go out
+        without a wake-up; ack() wakes a long wait), then apply queued acks. The caller holds
+        the drive lock; pika and channel errors propagate."""
+        self._waiting_long = True
+        flowing = bool(self._ops) or (bool(self._outstanding) and not self.no_ack
+                                      and time.monotonic() - self._active_at < 1.0)
+        if flowing:
+            self._waiting_long = False
+            limit = min(limit, ACK_DELAY)
+        link.connection.process_data_events(time_limit=max(0.0, limit))
+        self._waiting_long = False
+        self._check_peer(link)
+        if not link.channel.is_open:
+            raise _ChannelLost(_channel_close_reason(link))
+        self._apply_ops()
+        if self._cancelled:
+            self._recover_cancelled(link)
 
     # -- I/O thread ---------------------------------------------------------------------------
 
@@ -375,85 +479,106 @@ class AMQPConsumer(Consumer):
             link.abort(error)
             raise error
 
+    def _wait_for_turn(self) -> None:
+        """Park the I/O thread while a fetcher drives (or did within TAKEOVER_AFTER s); return
+        at once when there is no connection, a fetcher's fault to handle, or closing."""
+        with self._park:
+            while not self._closing.is_set() and self._link is not None and self._fault is None:
+                if not self._fetchers and time.monotonic() - self._driven_at >= TAKEOVER_AFTER:
+                    return
+                self._park.wait(TAKEOVER_AFTER)
+
+    def _io_turn(self) -> float | None:
+        """One turn of the I/O thread: (re)connect when needed, drive, hand deliveries over.
+        Returns how long to wait before reconnecting after a failure, -1.0 to stop, or None."""
+        try:
+            fault, self._fault = self._fault, None
+            if fault is not None:
+                raise fault
+            if self._link is None:
+                self._link = self._connect()
+                self._rx_bytes, self._rx_at = -1, time.monotonic()
+                if self._failures:
+                    logger.warning("Reconnected to %s after %.1f s (%d attempt(s)); consuming "
+                                   "%s again.", self.broker.safe_url, time.monotonic() - self._lost_at,
+                                   self._failures, ", ".join(self.queues))
+                self._failures = 0
+                self._intervals = self.broker.retry_policy.intervals()
+                self._started.set()
+            try:
+                self._turn(self._link, 1.0)
+            finally:
+                self._hand_over()
+            return None
+        except FatalConnectionError as exc:
+            self.error = exc
+            logger.error("%s", exc)
+            return -1.0
+        except Exception as exc:  # any failure: reconnect, never die
+            if self._closing.is_set():
+                return -1.0
+            if not isinstance(exc, _EXPECTED):
+                logger.exception("Unexpected error in the AMQP consumer of %s; reconnecting.",
+                                 self.broker.safe_url)
+            self._drop_link()
+            self._failures += 1
+            failures = self._failures
+            max_retries = self.broker.retry_policy.max_retries
+            if max_retries is not None and failures > max_retries:
+                self.error = BrokerConnectionError(
+                    f"Gave up reconnecting to {self.broker.safe_url} after "
+                    f"{failures - 1} retries: {describe(exc)}")
+                logger.error("%s", self.error)
+                return -1.0
+            wait = next(self._intervals)
+            # One line when the outage starts and one when it ends (above); the
+            # attempts in between only at debug level.
+            log = logger.warning if failures == 1 else logger.debug
+            if failures == 1:
+                self._lost_at = time.monotonic()
+            if isinstance(exc, _ChannelLost):
+                log("%s (%s); reopening in %.1f s.", exc, self.broker.safe_url, wait)
+            elif failures == 1:
+                log("Connection to %s lost (%s); reconnecting (retrying every %.1f s and "
+                    "more, quietly).", self.broker.safe_url, describe(exc), wait)
+            else:
+                log("Reconnecting to %s failed (%s, attempt %d); next in %.1f s.",
+                    self.broker.safe_url, describe(exc), failures, wait)
+            return wait
+
     def _run(self) -> None:
-        intervals = self.broker.retry_policy.intervals()
-        max_retries = self.broker.retry_policy.max_retries
-        failures = 0
-        lost_at = 0.0
         try:
             while not self._closing.is_set():
-                try:
-                    if self._link is None:
-                        self._link = self._connect()
-                        self._rx_bytes, self._rx_at = -1, time.monotonic()
-                        if failures:
-                            logger.warning("Reconnected to %s after %.1f s (%d attempt(s)); consuming "
-                                           "%s again.", self.broker.safe_url, time.monotonic() - lost_at,
-                                           failures, ", ".join(self.queues))
-                        failures = 0
-                        intervals = self.broker.retry_policy.intervals()
-                        self._started.set()
-                    link = self._link
-                    # Short turns while messages flow (acks are then applied without a wake-up),
-                    # long waits when idle or only long tasks run (ack() wakes the loop then).
-                    self._waiting_long = True
-                    flowing = bool(self._ops) or (bool(self._outstanding) and not self.no_ack
-                                                  and time.monotonic() - self._active_at < 1.0)
-                    if flowing:
-                        self._waiting_long = False
-                    link.connection.process_data_events(time_limit=ACK_DELAY if flowing else 1.0)
-                    self._waiting_long = False
-                    self._check_peer(link)
-                    self._hand_over()
-                    if not link.channel.is_open:
-                        raise _ChannelLost(_channel_close_reason(link))
-                    self._apply_ops()
-                    if self._cancelled:
-                        self._recover_cancelled(link)
-                except FatalConnectionError as exc:
-                    self.error = exc
-                    logger.error("%s", exc)
+                self._wait_for_turn()
+                if self._closing.is_set():
                     break
-                except Exception as exc:  # any failure: reconnect, never die
-                    if self._closing.is_set():
-                        break
-                    if not isinstance(exc, _EXPECTED):
-                        logger.exception("Unexpected error in the AMQP consumer of %s; reconnecting.",
-                                         self.broker.safe_url)
-                    self._drop_link()
-                    failures += 1
-                    if max_retries is not None and failures > max_retries:
-                        self.error = BrokerConnectionError(
-                            f"Gave up reconnecting to {self.broker.safe_url} after "
-                            f"{failures - 1} retries: {describe(exc)}")
-                        logger.error("%s", self.error)
-                        break
-                    wait = next(intervals)
-                    # One line when the outage starts and one when it ends (above); the
-                    # attempts in between only at debug level.
-                    log = logger.warning if failures == 1 else logger.debug
-                    if failures == 1:
-                        lost_at = time.monotonic()
-                    if isinstance(exc, _ChannelLost):
-                        log("%s (%s); reopening in %.1f s.", exc, self.broker.safe_url, wait)
-                    elif failures == 1:
-                        log("Connection to %s lost (%s); reconnecting (retrying every %.1f s and "
-                            "more, quietly).", self.broker.safe_url, describe(exc), wait)
-                    else:
-                        log("Reconnecting to %s failed (%s, attempt %d); next in %.1f s.",
-                            self.broker.safe_url, describe(exc), failures, wait)
-                    self._started.set()
-                    self._closing.wait(wait)
+                with self._drive:
+                    wait = self._io_turn()
+                if wait is None:
+                    continue
+                if wait < 0:
+                    break
+                self._started.set()
+                self._closing.wait(wait)
         except BaseException as exc:
             self.error = exc
             logger.exception("AMQP consumer thread failed")
         finally:
             self._started.set()
-            if self._link is not None:
-                with contextlib.suppress(Exception):
-                    self._apply_ops()
-            self._drop_link()
+            held = self._drive.acquire(timeout=5.0)
+            try:
+                if self._link is not None:
+                    with contextlib.suppress(Exception):
+                        self._apply_ops()
+                self._drop_link()
+            finally:
+                if held:
+                    self._drive.release()
             self._out.put(None)
+
+
+def _nothing() -> None:
+    """A callback that only ends the current ``process_data_events`` wait."""
 
 
 def task_setup(broker: AMQPBroker, queues: Sequence[Queue]) -> tuple[Setup, Callable[[Link, str], str]]:
