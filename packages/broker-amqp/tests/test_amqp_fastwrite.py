@@ -164,3 +164,93 @@ def test_corked_writes_hold_until_the_block_ends(amqp_url: str) -> None:
         channel.queue_delete(queue)
     finally:
         connection.close()
+
+
+def _pika_frames(channel: int, method: Any, content: tuple[Any, bytes] | None = None,
+                 body_max: int = 131072 - 8) -> list[bytes]:
+    """What pika's ``Connection._send_method`` marshals for ``method`` (and content)."""
+    import pika.frame
+
+    frames = [pika.frame.Method(channel, method).marshal()]
+    if content is not None:
+        properties, body = content
+        frames.append(pika.frame.Header(channel, len(body), properties).marshal())
+        for start in range(0, len(body), body_max):
+            frames.append(pika.frame.Body(channel, body[start:start + body_max]).marshal())
+    return frames
+
+
+def test_publish_frames_are_pikas_byte_for_byte() -> None:
+    props = pika.spec.BasicProperties(
+        content_type="application/json", content_encoding="utf-8", delivery_mode=2, priority=3,
+        correlation_id="c-1", reply_to="r\u00e9ply", headers={"id": "x", "retries": 0, "n": None},
+        expiration="1000", message_id="m", timestamp=1700000000, type="t", app_id="a")
+    cases = [("", "celery", b'[[2, 2], {}, {}]', props, False),
+             ("ex\u00e9", "rk.topic", b"", pika.spec.BasicProperties(), True),
+             ("", "q", b"x" * 300_000, props, False),  # three body frames
+             ("", "q", b"y" * (131072 - 8), pika.spec.BasicProperties(delivery_mode=1), False)]
+    for channel, (exchange, key, body, properties, mandatory) in enumerate(cases, start=1):
+        ours = fastwrite.publish_frames(channel, exchange, key, body, properties, 131072 - 8,
+                                        mandatory=mandatory)
+        method = pika.spec.Basic.Publish(exchange=exchange, routing_key=key, mandatory=mandatory)
+        assert ours == _pika_frames(channel, method, (properties, body))
+
+
+def test_ack_and_reject_frames_are_pikas_byte_for_byte() -> None:
+    sent: list[bytes] = []
+
+    class _Connection:
+        is_closed = False
+
+        def _output_marshaled_frames(self, frames: list[bytes]) -> None:
+            sent.extend(frames)
+
+    class _Impl:
+        connection = _Connection()
+
+        def _raise_if_not_open(self) -> None:
+            pass
+
+    class _Channel:
+        _impl = _Impl()
+        channel_number = 7
+
+    channel: Any = _Channel()
+    fastwrite.basic_ack(channel, 2**40 + 5, multiple=True)
+    fastwrite.basic_ack(channel, 1)
+    fastwrite.basic_reject(channel, 9, requeue=True)
+    fastwrite.basic_reject(channel, 10, requeue=False)
+    expected = [
+        pika.spec.Basic.Ack(delivery_tag=2**40 + 5, multiple=True),
+        pika.spec.Basic.Ack(delivery_tag=1),
+        pika.spec.Basic.Reject(delivery_tag=9, requeue=True),
+        pika.spec.Basic.Reject(delivery_tag=10, requeue=False),
+    ]
+    assert sent == [frame for method in expected for frame in _pika_frames(7, method)]
+
+
+def test_fast_publish_reaches_rabbitmq_intact(amqp_url: str) -> None:
+    broker = AMQPBroker(amqp_url, {})
+    queue = Queue(f"fastpub-{uuid.uuid4().hex[:8]}", durable=False, auto_delete=False)
+    try:
+        broker.declare(queue)
+        bodies = [b"", b"small", bytes(range(256)) * 1200]  # the last spans three body frames
+        for index, body in enumerate(bodies):
+            broker.publish(Message({"i": index}, {"correlation_id": f"c{index}"}, body,
+                                   "application/octet-stream", "binary"), "", queue.name)
+        broker.flush()
+        consumer = broker.consumer([queue], 10)
+        got: list[Any] = []
+        deadline = time.monotonic() + 10
+        while len(got) < len(bodies) and time.monotonic() < deadline:
+            got.extend(consumer.fetch(10, 0.5))
+        for delivery in got:
+            consumer.ack(delivery)
+        consumer.close()
+        assert [d.message.body for d in got] == bodies
+        assert [d.message.headers for d in got] == [{"i": i} for i in range(len(bodies))]
+        assert [d.message.properties["correlation_id"] for d in got] == ["c0", "c1", "c2"]
+        assert broker.queue_size(queue.name) == 0  # the acks were taken
+    finally:
+        broker.delete_queue(queue.name)
+        broker.close()

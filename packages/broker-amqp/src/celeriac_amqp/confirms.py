@@ -21,6 +21,8 @@ import pika
 import pika.exceptions as pex
 from pika.adapters.blocking_connection import BlockingChannel
 
+from celeriac_amqp import fastwrite
+
 __all__ = ["ConfirmTimeout", "ConfirmWindow", "Unconfirmed"]
 
 
@@ -81,7 +83,8 @@ class ConfirmWindow:
         tag = self._tag
         self.pending[tag] = item
         try:
-            self.channel.basic_publish(item.exchange, item.routing_key, item.body, item.properties)
+            fastwrite.basic_publish(self.channel, item.exchange, item.routing_key, item.body,
+                                    item.properties)
             self.wait(0 if wait else self.window - 1, timeout)
         except BaseException:
             if wait:  # the caller learns this message's fate from the error: not published again

@@ -426,8 +426,7 @@ class AMQPConsumer(Consumer):
         if not acks and not rejects:
             return
         channel = link.channel
-        impl = channel._impl  # pika's channel: no flush per frame; one write and flush below
-        with fastwrite.corked(link.connection):
+        with fastwrite.corked(link.connection):  # one write for all, flushed below
             if acks:
                 last = None
                 run = 0
@@ -437,16 +436,16 @@ class AMQPConsumer(Consumer):
                     last = tag
                     run += 1
                 if last is not None and run > 1:
-                    impl.basic_ack(last, multiple=True)
+                    fastwrite.basic_ack(channel, last, multiple=True)
                     for tag in list(self._outstanding)[:run]:
                         del self._outstanding[tag]
                         acks.discard(tag)
                 for tag in sorted(acks):
-                    impl.basic_ack(tag)
+                    fastwrite.basic_ack(channel, tag)
                     del self._outstanding[tag]
             for tag, requeue in rejects:
                 if tag in self._outstanding:
-                    impl.basic_reject(tag, requeue=requeue)
+                    fastwrite.basic_reject(channel, tag, requeue)
                     del self._outstanding[tag]
         channel._flush_output()  # raises as basic_ack did when the broker closed the channel
 

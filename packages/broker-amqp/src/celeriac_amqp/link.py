@@ -24,7 +24,7 @@ from celeriac.routing import Queue
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
-from celeriac_amqp import delay
+from celeriac_amqp import delay, fastwrite
 from celeriac_amqp.confirms import ConfirmWindow, Unconfirmed
 from celeriac_amqp.url import AMQPAddress, connection_parameters, tls_failure
 
@@ -279,7 +279,8 @@ class Link:
         """Publish on the main channel: with confirms, return once fewer than ``window``
         messages are unconfirmed (``wait``: once all are confirmed). Raises pika's errors."""
         if self.confirms is None:
-            self.channel.basic_publish(item.exchange, item.routing_key, item.body, item.properties)
+            fastwrite.basic_publish(self.channel, item.exchange, item.routing_key, item.body,
+                                    item.properties)
         else:
             self.confirms.publish(item, wait=wait)
         self.last_used = time.monotonic()

@@ -386,6 +386,11 @@ class TaskConsumer:
                 self.active.pop(request.id, None)
                 name = request.task.name
                 self.totals[name] = self.totals.get(name, 0) + 1
+            idle = self.reserved == 0
+        if idle:
+            # Nothing else in flight to batch acks with: send the queued ones now, after the
+            # task's result (not with the next delivery, which they would delay).
+            self.consumer.flush()
         self._capacity.set()
 
     # -- shutdown -----------------------------------------------------------------------------
