@@ -136,6 +136,8 @@ class AMQPConsumer(Consumer):
         self._park = threading.Condition(threading.Lock())
         self._fetchers = 0
         self._driven_at = 0.0
+        self._driver = 0  # thread ident of the last fetcher that drove
+        self._handoff = False  # that fetcher stops fetching for a while: the I/O thread drives
         self._fault: BaseException | None = None
         self._failures = 0
         self._lost_at = 0.0
@@ -226,6 +228,8 @@ class AMQPConsumer(Consumer):
         """Drive the connection from the fetching thread for one turn of at most ``left`` s."""
         with self._park:
             self._fetchers += 1
+            self._handoff = False
+        self._driver = threading.get_ident()
         try:
             if not self._drive.acquire(blocking=False):
                 self._interrupt()  # the I/O thread drives: end its turn, it then parks
@@ -278,8 +282,14 @@ class AMQPConsumer(Consumer):
             self._wake()
 
     def flush(self) -> None:
-        """Ask the I/O thread to apply queued acks now."""
+        """Have queued acks applied now. Called by the fetching thread (before it waits for
+        something else than deliveries: pool capacity), it also leaves the connection to the
+        I/O thread at once instead of after TAKEOVER_AFTER."""
         self._wake()
+        if threading.get_ident() == self._driver:
+            with self._park:
+                self._handoff = True
+                self._park.notify()
 
     def close(self) -> None:
         """Apply queued acks, stop consuming and close the connection; unacked deliveries go
@@ -483,7 +493,8 @@ class AMQPConsumer(Consumer):
         at once when there is no connection, a fetcher's fault to handle, or closing."""
         with self._park:
             while not self._closing.is_set() and self._link is not None and self._fault is None:
-                if not self._fetchers and time.monotonic() - self._driven_at >= TAKEOVER_AFTER:
+                if not self._fetchers and (self._handoff or
+                                           time.monotonic() - self._driven_at >= TAKEOVER_AFTER):
                     return
                 self._park.wait(TAKEOVER_AFTER)
 
