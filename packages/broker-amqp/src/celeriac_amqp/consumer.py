@@ -281,6 +281,12 @@ class AMQPConsumer(Consumer):
             self._ops.append((gen, tag, "reject", requeue))
             self._wake()
 
+    def on_idle(self) -> None:
+        """The worker runs nothing any more: apply queued acks now rather than with the next
+        delivery (they would delay it). Thread-safe."""
+        if self._ops:
+            self._wake()
+
     def flush(self) -> None:
         """Have queued acks applied now. Called by the fetching thread (before it waits for
         something else than deliveries: pool capacity), it also leaves the connection to the

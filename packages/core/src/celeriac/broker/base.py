@@ -112,6 +112,11 @@ class Consumer(abc.ABC):
     def flush(self) -> None:
         """Send acks/rejects queued so far. Called by the worker before it waits for long."""
 
+    def on_idle(self) -> None:
+        """The worker has nothing in flight any more (called by whichever thread finished the
+        last task): a consumer holding acks back to send them in batches may send them now.
+        Thread-safe; the default does nothing."""
+
     @abc.abstractmethod
     def close(self) -> None:
         """Stop consuming; deliveries not acked yet go back to the broker (requeued)."""

@@ -388,9 +388,9 @@ class TaskConsumer:
                 self.totals[name] = self.totals.get(name, 0) + 1
             idle = self.reserved == 0
         if idle:
-            # Nothing else in flight to batch acks with: send the queued ones now, after the
-            # task's result (not with the next delivery, which they would delay).
-            self.consumer.flush()
+            # Nothing else in flight to batch acks with: they may go now, after the task's
+            # result (not with the next delivery, which they would delay).
+            self.consumer.on_idle()
         self._capacity.set()
 
     # -- shutdown -----------------------------------------------------------------------------

@@ -59,6 +59,11 @@ class SwitchingConsumer(Consumer):
         for consumer in (*self._draining, self.current):
             consumer.flush()
 
+    def on_idle(self) -> None:
+        """Tell the current and the draining consumers that the worker runs nothing."""
+        for consumer in (*self._draining, self.current):
+            consumer.on_idle()
+
     def close(self) -> None:
         """Close every broker consumer (unacked deliveries go back to the broker)."""
         for consumer in (*self._draining, self.current):
