@@ -44,8 +44,8 @@ _FRAME_HEAD = struct.Struct(">BHI")  # frame type, channel, payload size
 _FRAME_END = b"\xce"
 _PUBLISH_HEAD = struct.Struct(">HHH")  # Basic (60) . Publish (40), reserved ticket
 _CONTENT_HEAD = struct.Struct(">HHQ")  # class Basic (60), weight 0, body size
-_ACK = struct.Struct(">BHIHHQB")  # method frame: Basic (60) . Ack (80), delivery tag, multiple
-_REJECT = struct.Struct(">BHIHHQB")  # method frame: Basic (60) . Reject (90), tag, requeue
+# method frame: Basic (60) . Ack (80) or Reject (90), delivery tag, multiple or requeue bit
+_SETTLE = struct.Struct(">BHIHHQB")
 
 #: Messages whose frames add up to at most this many bytes are sent as one buffer.
 JOIN_LIMIT = 256 * 1024
@@ -154,24 +154,28 @@ def basic_publish(channel: BlockingChannel, exchange: str, routing_key: str, bod
     channel._flush_output()
 
 
-def basic_ack(channel: BlockingChannel, delivery_tag: int, multiple: bool = False) -> None:
-    """Queue ``basic.ack`` on ``channel`` (written at the next flush, or at once when idle)."""
+def _settle(channel: BlockingChannel, method_id: int, delivery_tag: int, flag: bool) -> None:
+    """Queue ``basic.ack`` (80, ``flag`` = multiple) or ``basic.reject`` (90, ``flag`` =
+    requeue) on ``channel``: written at the next flush, or at once when the socket is idle."""
     connection = _sendable(channel)
     if connection is None:
-        channel._impl.basic_ack(delivery_tag, multiple=multiple)
+        if method_id == 80:
+            channel._impl.basic_ack(delivery_tag, multiple=flag)
+        else:
+            channel._impl.basic_reject(delivery_tag, requeue=flag)
         return
-    connection._output_marshaled_frames(
-        [_ACK.pack(1, channel.channel_number, 13, 60, 80, delivery_tag, 1 if multiple else 0) + _FRAME_END])
+    connection._output_marshaled_frames([_SETTLE.pack(1, channel.channel_number, 13, 60, method_id,
+                                                      delivery_tag, 1 if flag else 0) + _FRAME_END])
+
+
+def basic_ack(channel: BlockingChannel, delivery_tag: int, multiple: bool = False) -> None:
+    """Queue ``basic.ack`` on ``channel`` (written at the next flush, or at once when idle)."""
+    _settle(channel, 80, delivery_tag, multiple)
 
 
 def basic_reject(channel: BlockingChannel, delivery_tag: int, requeue: bool) -> None:
     """Queue ``basic.reject`` on ``channel`` (written at the next flush, or at once when idle)."""
-    connection = _sendable(channel)
-    if connection is None:
-        channel._impl.basic_reject(delivery_tag, requeue=requeue)
-        return
-    connection._output_marshaled_frames(
-        [_REJECT.pack(1, channel.channel_number, 13, 60, 90, delivery_tag, 1 if requeue else 0) + _FRAME_END])
+    _settle(channel, 90, delivery_tag, requeue)
 
 
 def install() -> None:
