@@ -248,6 +248,10 @@ class KombuBroker(Broker):
             kwargs["ssl"] = conf["broker_use_ssl"]
         if conf.get("broker_login_method"):
             kwargs["login_method"] = conf["broker_login_method"]
+        if self.alias == "filesystem":  # kombu's reader can take a file half-written
+            from celeriac_kombu.filesystem import Transport as FilesystemTransport
+
+            kwargs["transport"] = FilesystemTransport
         connection = Connection(self.kombu_url, **kwargs)
         transport = connection.transport
         if isinstance(transport, virtual.Transport):
@@ -541,7 +545,11 @@ class _Fetcher:
             time.sleep(min(0.1 * self.failures, 2.0, max(timeout, 0.05)))
 
     def drop(self) -> None:
-        """Close the connection (kombu puts unacked deliveries back). Called with ``lock`` held."""
+        """Close the connection (kombu puts unacked deliveries back). Called with ``lock`` held.
+
+        Acks and rejects other threads queued are applied first: a delivery already settled
+        must not go back to its queue and run again."""
+        self.before_drain()
         self.buffer.clear()
         if self.connection is not None:
             with contextlib.suppress(Exception):
