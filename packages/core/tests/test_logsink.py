@@ -188,6 +188,46 @@ def test_a_full_batch_is_written_without_waiting() -> None:
     assert stream.getvalue() == "a\nb\nc\n"
 
 
+def test_a_held_line_shows_its_arguments_as_they_were_when_it_was_logged() -> None:
+    """Lines held for the flusher may be formatted late, but never show a later state: a list
+    argument is formatted at once, plain values whenever; the order stays the logging order."""
+    stream = io.StringIO()
+    handler = CombiningStreamHandler(stream, flush_interval=30)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = _logger(handler, "test.logsink.frozen")
+    items = [1]
+    logger.info("task %s[%s] succeeded in %.3fs: %r", "t.add", "id-1", 0.5, 4)
+    logger.info("items %r", items)
+    logger.info("mapping %(a)s", {"a": items})
+    items.append(2)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logger.info("with a traceback", exc_info=True)
+    handler.flush()
+    lines = stream.getvalue().splitlines()
+    assert lines[:3] == ["INFO task t.add[id-1] succeeded in 0.500s: 4", "INFO items [1]", "INFO mapping [1]"]
+    assert lines[3] == "INFO with a traceback" and "ValueError: boom" in stream.getvalue()
+
+
+def test_a_plain_info_line_is_formatted_by_the_flusher_not_by_the_caller() -> None:
+    formatted_in: list[str] = []
+
+    class Recording(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            formatted_in.append(threading.current_thread().name)
+            return super().format(record)
+
+    stream = io.StringIO()
+    handler = CombiningStreamHandler(stream, flush_interval=0.05)
+    handler.setFormatter(Recording("%(message)s"))
+    logger = _logger(handler, "test.logsink.deferred")
+    logger.info("Task %s[%s] received", "t.add", "id-2")
+    assert formatted_in == []
+    assert _wait_for(lambda: stream.getvalue() == "Task t.add[id-2] received\n", 5)
+    assert formatted_in == ["LogFlusher"]
+
+
 def test_flush_writes_what_is_pending() -> None:
     stream = io.StringIO()
     handler = CombiningStreamHandler(stream, flush_interval=30)

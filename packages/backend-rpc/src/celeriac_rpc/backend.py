@@ -125,8 +125,7 @@ class RPCBackend(ResultBackend):
         message = Message({}, {"correlation_id": correlation_id,
                                "delivery_mode": 2 if self.persistent else 1},
                           body, self.serializer.content_type, self.serializer.content_encoding)
-        self.broker.publish(message, "", reply_to)
-        self.broker.flush()  # stored means the broker has it (publishing may not wait)
+        self.broker.publish_reply(message, reply_to)
 
     # -- client side --------------------------------------------------------------------------
 

@@ -190,6 +190,19 @@ class Broker(abc.ABC):
         when the broker refused a message or could not be reached within ``timeout`` seconds.
         """
 
+    def publish_reply(self, message: Message, queue: str) -> None:
+        """Publish a result reply (``rpc://``) to the reply queue named ``queue`` through the
+        default exchange, and return once the broker has it as far as this broker promises for
+        replies. Default: :meth:`publish`, then :meth:`flush`.
+
+        A broker may send a transient reply (``delivery_mode`` 1, the ``rpc://`` default) with
+        less ceremony, as RabbitMQ's does without a publisher confirm (Celery's replies have
+        none either). Replies of one thread keep their order. Thread-safe. Raises
+        ``BrokerConnectionError`` when the reply could not be handed to the broker.
+        """
+        self.publish(message, "", queue)
+        self.flush()
+
     @abc.abstractmethod
     def consumer(self, queues: Sequence[Queue], prefetch: int, *, no_ack: bool = False) -> Consumer:
         """Start consuming ``queues`` with at most ``prefetch`` unacked deliveries (0 = no limit).

@@ -5,7 +5,9 @@ the worker's eight pool threads logging "succeeded" while the consumer thread lo
 threads queued on that lock and the GIL changed hands at every line: in a drain of no-op tasks on
 RabbitMQ this was a fifth of the worker's Python time (py-spy, ``bench/profile.py``).
 
-Here each caller formats its own line and appends it to a deque. Lines below ``WARNING`` are
+Here each caller appends its line to a deque: formatted at once, or, for an info line whose
+record cannot change meanwhile (a plain message with str, number or None arguments), formatted
+later by the thread that writes it, off the caller's path. Lines below ``WARNING`` are
 written by a flusher thread at most ``flush_interval`` seconds later (0.02 s for the worker), or at once
 when ``batch`` lines are pending: one ``write`` for many lines instead of one system call each.
 A ``WARNING`` or worse is written at once, with every line before it. Whoever writes takes all
@@ -37,6 +39,20 @@ def _after_fork_in_child() -> None:
         handler._reset()
 
 
+#: Argument types a line may be formatted later with: their values cannot change meanwhile.
+_FROZEN_TYPES = frozenset({str, int, float, bool, type(None)})
+
+
+def _frozen(record: logging.LogRecord) -> bool:
+    """True when formatting ``record`` later gives the same line as formatting it now."""
+    if type(record.msg) is not str or record.exc_info or record.stack_info:
+        return False
+    args = record.args
+    if not args:
+        return True
+    return isinstance(args, tuple) and all(type(value) in _FROZEN_TYPES for value in args)
+
+
 class _Combining:
     """The lock-free ``handle``/``emit`` shared by both handlers (a mixin before the handler)."""
 
@@ -50,7 +66,7 @@ class _Combining:
 
     def _reset(self) -> None:
         """No pending line, fresh locks, no flusher thread (also in a forked child)."""
-        self._pending: collections.deque[str] = collections.deque()
+        self._pending: collections.deque[str | logging.LogRecord] = collections.deque()
         self._writing = threading.Lock()
         self._kick = threading.Event()
         self._armed = False
@@ -65,17 +81,32 @@ class _Combining:
         return True
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Format ``record`` in the calling thread and queue the line (see the module)."""
-        try:
-            line = self.format(record) + self.terminator  # type: ignore[attr-defined]
-        except Exception:
-            self.handleError(record)  # type: ignore[attr-defined]
-            return
-        self._pending.append(line)
-        if record.levelno >= logging.WARNING or not self.flush_interval or len(self._pending) >= self.batch:
+        """Queue ``record``'s line (see the module). A line that waits for the flusher is
+        formatted by whoever writes it, when the record holds nothing that could change
+        meanwhile (a plain message with str, number or None arguments, no exception); any
+        other line is formatted now, in the calling thread."""
+        urgent = record.levelno >= logging.WARNING or not self.flush_interval
+        if urgent or not _frozen(record):
+            try:
+                self._pending.append(self.format(record) + self.terminator)  # type: ignore[attr-defined]
+            except Exception:
+                self.handleError(record)  # type: ignore[attr-defined]
+                return
+        else:
+            self._pending.append(record)
+        if urgent or len(self._pending) >= self.batch:
             self._write_pending(record)
         elif not self._armed:
             self._arm()
+
+    def _line(self, item: str | logging.LogRecord) -> str:
+        if isinstance(item, str):
+            return item
+        try:
+            return self.format(item) + self.terminator  # type: ignore[attr-defined,no-any-return]
+        except Exception:
+            self.handleError(item)  # type: ignore[attr-defined]
+            return ""
 
     def _arm(self) -> None:
         self._armed = True
@@ -116,7 +147,7 @@ class _Combining:
             try:
                 lines = []
                 while pending:
-                    lines.append(pending.popleft())
+                    lines.append(self._line(pending.popleft()))
                 stream = self.stream  # type: ignore[attr-defined]
                 if stream is not None:
                     stream.write("".join(lines))
