@@ -27,6 +27,7 @@ from celeriac.exceptions import (
 )
 from celeriac.protocol import decode_task
 from celeriac.serialization import AcceptPolicy
+from celeriac.worker.pool import ThreadPool
 from celeriac.worker.queues import SwitchingConsumer
 from celeriac.worker.request import Request
 from celeriac.worker.timer import Timer
@@ -102,6 +103,8 @@ class TaskConsumer:
         self.processed = 0
         self.totals: dict[str, int] = {}
         self._lock = threading.Lock()
+        #: True while the delivery being handled is the last one fetched (consumer thread only).
+        self._alone = False
         self._capacity = threading.Event()
         self._stopping = threading.Event()
         self._buckets: dict[str, TokenBucket | None] = {}
@@ -135,8 +138,11 @@ class TaskConsumer:
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
-            for delivery in deliveries:
+            last = len(deliveries) - 1
+            for index, delivery in enumerate(deliveries):
+                self._alone = index == last
                 self.on_delivery(delivery)
+            self._alone = False
 
     def stop(self) -> None:
         """Stop fetching (the loop ends within ``fetch_timeout``)."""
@@ -313,6 +319,10 @@ class TaskConsumer:
             request.handle = self.pool.apply_async(
                 run_payload, (request.to_payload(),), lambda outcome: self._on_process_done(request, outcome),
                 on_start=lambda: self._on_start(request))
+        elif self._alone and self.reserved == 1 and isinstance(self.pool, ThreadPool):
+            # The only task in flight and no other delivery at hand: the pool thread should
+            # start it now (see ThreadPool.apply_async).
+            request.handle = self.pool.apply_async(self._execute, (request,), self._on_done, wait_taken=True)
         else:
             request.handle = self.pool.apply_async(self._execute, (request,), self._on_done)
 

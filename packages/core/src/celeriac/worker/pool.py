@@ -1,8 +1,8 @@
 """The pool SPI and the built-in ``solo`` and ``threads`` pools.
 
 A pool runs ``target(*args)`` for the worker and reports back through ``callback(result)``. The
-worker never waits on the pool: it submits while free slots remain (``Pool.limit``) and the pool
-calls back from its own thread. A process pool receives only picklable targets (module-level
+worker does not wait for jobs to finish: it submits while free slots remain (``Pool.limit``) and
+the pool calls back from its own thread. A process pool receives only picklable targets (module-level
 functions and plain data).
 """
 
@@ -106,13 +106,19 @@ class SoloPool(Pool):
 
 _STOP = object()
 
+#: Seconds a job submitted to an idle ``threads`` pool waits, in the submitting thread, for a
+#: pool thread to take it (see :meth:`ThreadPool.apply_async`).
+HAND_OFF_WAIT = 0.001
+
 
 class _JobHandle:
-    __slots__ = ("done", "thread_id")
+    __slots__ = ("done", "taken", "thread_id")
 
     def __init__(self) -> None:
         self.thread_id: int | None = None
         self.done = False
+        #: Set once a pool thread took the job (only when the submitter waits for that).
+        self.taken: threading.Event | None = None
 
 
 class ThreadPool(Pool):
@@ -126,6 +132,7 @@ class ThreadPool(Pool):
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._running = 0  # jobs taken and not finished
 
     def start(self) -> None:
         for _ in range(self.concurrency):
@@ -160,20 +167,38 @@ class ThreadPool(Pool):
                 return
             handle, target, args, callback = job
             handle.thread_id = threading.get_ident()
+            with self._lock:
+                self._running += 1
+            if handle.taken is not None:
+                handle.taken.set()
             try:
                 result = target(*args)
             except BaseException as exc:  # SoftTimeLimitExceeded landing after the task ended
                 result = exc
             with self._lock:
                 handle.done = True
+                self._running -= 1
             callback(result)
 
     def apply_async(self, target: Callable[..., Any], args: tuple[Any, ...], callback: Callback,
-                    on_start: Callable[[], None] | None = None) -> Any:
+                    on_start: Callable[[], None] | None = None, *, wait_taken: bool = False) -> Any:
+        """Queue the job for the next free thread.
+
+        With ``wait_taken`` and a pool where nothing runs and nothing waits, the calling thread
+        then waits (up to :data:`HAND_OFF_WAIT`) until a pool thread has taken the job: the
+        pool thread starts with the GIL free instead of waiting until the caller blocks on its
+        own. The worker asks for it when the job is the only one it has in flight (on an idle
+        worker this took about 0.1 ms off a RabbitMQ round trip); under load, waiting would
+        only slow the caller's dispatching."""
         if not self._threads:
             self.start()
         handle = _JobHandle()
+        taken = (threading.Event() if wait_taken and self._running == 0 and self._jobs.empty()
+                 else None)
+        handle.taken = taken
         self._jobs.put((handle, target, args, callback))
+        if taken is not None:
+            taken.wait(HAND_OFF_WAIT)
         return handle
 
     def raise_soft_timeout(self, handle: Any, exc_type: type[BaseException]) -> bool:
