@@ -6,8 +6,10 @@ table's workloads do (``--series-pool``, threads x8 by default), on each selecte
 
 ``backlog``  drain rate with a backlog of 1k, 10k, 100k queued no-op tasks (results off): tasks/s
              from the worker's ready line to the last task; also from process start and from the
-             first task executed to the last. The target is flat: the largest backlog's rate within
-             20 % of the smallest's (``spread`` in the summary = 1 - min/max).
+             first task executed to the last. Backlogs below 100k are drained ``--reps`` times and
+             the run with the median rate is kept (a 1k drain lasts about 0.1 s). The target is
+             flat: the largest backlog's rate within 20 % of the smallest's (``spread`` in the
+             summary = 1 - min/max).
 ``chord``    seconds from building ``chord(add.s(i, i) for i in range(N))(xsum.s())`` to its result
              for N = 10, 100, 1,000, 10,000, and ``group(add.s(i, i) for i in range(N))().get()`` for
              N = 10,000, against one idle worker (results on; on RabbitMQ the Redis result backend).
@@ -61,20 +63,50 @@ def _label(bench: Bench, name: str, broker: str, text: str) -> None:
     bench.progress(f"series {name:<7} {broker:<6}", text)
 
 
+#: Backlogs below this many tasks are drained ``--reps`` times and the median kept: their drain
+#: lasts well under a second (1k tasks: about 0.1 s), so one run moves by a quarter with the
+#: host's noise; a larger one is drained once.
+BACKLOG_REPEAT_BELOW = 100_000
+
+
 def _backlog(bench: Bench, broker: str, points: list[dict[str, Any]]) -> None:
     pool = bench.args.series_pool
     for size in bench.args.backlog_sizes:
-        queue = bench.queue_name(broker, "celeriac", pool, f"backlog{size}", 0)
-        try:
-            figures = bench.drain_once(broker, pool, queue, size)
-        except RuntimeError as exc:
-            points.append({"broker": broker, "x": size, "error": str(exc)})
-            _label(bench, "backlog", broker, f"{size:,}: FAILED {str(exc)[:300]}")
+        runs: list[dict[str, float]] = []
+        error = None
+        for rep in range(bench.args.reps if size < BACKLOG_REPEAT_BELOW else 1):
+            queue = bench.queue_name(broker, "celeriac", pool, f"backlog{size}", rep)
+            try:
+                runs.append(bench.drain_once(broker, pool, queue, size))
+            except RuntimeError as exc:
+                error = str(exc)
+                break
+        if error is not None:
+            points.append({"broker": broker, "x": size, "error": error})
+            _label(bench, "backlog", broker, f"{size:,}: FAILED {error[:300]}")
             continue
+        figures = _median_run(runs)
         points.append({"broker": broker, "x": size, **figures})
+        spread = ""
+        if len(runs) > 1:
+            low, high = figures["from_ready_range"]
+            spread = f" (median of {len(runs)}: {low:,.0f}-{high:,.0f})"
         _label(bench, "backlog", broker, f"{size:,} queued: {figures.get('from_ready', math.nan):,.0f} tasks/s "
-                                         f"from ready, {figures['from_start']:,.0f} from start "
+                                         f"from ready{spread}, {figures['from_start']:,.0f} from start "
                                          f"(enqueued at {figures['enqueue_rate']:,.0f}/s)")
+
+
+def _median_run(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """The run with the median rate from ready (from start when ready was not seen), with
+    ``runs`` (how many) and ``from_ready_range`` (lowest, highest) beside its figures."""
+    def rate(run: dict[str, float]) -> float:
+        return run.get("from_ready", run["from_start"])
+
+    ordered = sorted(runs, key=rate)
+    median: dict[str, Any] = dict(ordered[(len(ordered) - 1) // 2])
+    median["runs"] = len(runs)
+    median["from_ready_range"] = (rate(ordered[0]), rate(ordered[-1]))
+    return median
 
 
 def _chord(bench: Bench, broker: str, points: list[dict[str, Any]]) -> None:
@@ -226,13 +258,17 @@ def format_series(series: dict[str, Any]) -> str:
         points = data["points"]
         lines.append(f"Series {name} (Celeriac, {data['pool']} pool):")
         if name == "backlog":
-            lines.append("| broker | backlog | tasks/s from ready | from start | first to last | enqueue/s |")
-            lines.append("|---|---|---|---|---|---|")
+            lines.append("| broker | backlog | tasks/s from ready | runs (range) | from start | first to last "
+                         "| enqueue/s |")
+            lines.append("|---|---|---|---|---|---|---|")
             for p in points:
                 if p.get("error"):
-                    lines.append(f"| {p['broker']} | {p.get('x', '-')} | FAILED | | | |")
+                    lines.append(f"| {p['broker']} | {p.get('x', '-')} | FAILED | | | | |")
                     continue
-                lines.append(f"| {p['broker']} | {p['x']:,} | {p.get('from_ready', math.nan):,.0f} | "
+                runs = p.get("runs", 1)
+                low, high = p.get("from_ready_range") or (math.nan, math.nan)
+                spread = f"{runs} ({low:,.0f}-{high:,.0f})" if runs > 1 else "1"
+                lines.append(f"| {p['broker']} | {p['x']:,} | {p.get('from_ready', math.nan):,.0f} | {spread} | "
                              f"{p['from_start']:,.0f} | {p['first_to_last']:,.0f} | {p['enqueue_rate']:,.0f} |")
             for broker, s in data["summary"].items():
                 lines.append(f"  {broker}: spread {100 * s['spread']:.0f} % "
