@@ -1,7 +1,7 @@
 """CPU time per task of one drain, per process and thread of the worker, and of the broker server.
 
-    python bench/cpu.py [--system celeriac|celery|dramatiq] [--pool threads|prefork]
-                        [--broker amqp|redis] [--tasks 20000] [-- EXTRA WORKER ARGS]
+    python bench/cpu.py [--system celeriac|celery|dramatiq] [--pool threads|prefork|solo]
+                        [--workers 1] [--broker amqp|redis] [--tasks 20000] [-- EXTRA WORKER ARGS]
 
 Queues ``--tasks`` no-op tasks with the bench's client, starts the worker through its command
 line (as ``run.py`` does), and samples ``/proc/<pid>/task/<tid>/stat`` of the worker's process
@@ -11,6 +11,11 @@ process start, each process's CPU seconds and microseconds per task with its bus
 and the server's. The worker's CPU includes its start-up (imports, connecting: about 0.3 s), so
 use thousands of tasks. Linux only. This is what ``bench/README.md``'s "where the time went" figures
 come from; unlike ``profile.py`` nothing traces the processes, so the rates are real.
+
+``--workers N`` starts N independent workers on the queue (hostnames ``cpu1@%h`` ...; the rate is
+counted from the first one's start): ``--pool solo --workers 2`` is two processes that each consume
+from the broker and run tasks inline, the ceiling of a prefork pool whose children would consume
+directly (see bench/README.md, "Children that consume directly").
 """
 
 from __future__ import annotations
@@ -60,7 +65,8 @@ def thread_times(pid: int) -> dict[tuple[int, str], float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--system", default="celeriac", choices=["celeriac", "celery", "dramatiq"])
-    parser.add_argument("--pool", default="threads", choices=["threads", "prefork"])
+    parser.add_argument("--pool", default="threads", choices=["threads", "prefork", "solo"])
+    parser.add_argument("--workers", type=int, default=1, help="independent workers (default 1)")
     parser.add_argument("--broker", default="amqp", choices=["amqp", "redis"])
     parser.add_argument("--tasks", type=int, default=20000)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
@@ -87,16 +93,20 @@ def main(argv: list[str] | None = None) -> int:
     found = subprocess.run(["pgrep", "-f", SERVER[args.broker]], capture_output=True, text=True).stdout.split()
     server = int(found[0]) if found else None
     server_before = cpu_seconds(server) if server else 0.0
-    worker = WorkerProcess(args.system, apps[args.system], env, args.pool, tmp / "worker.log")
-    worker.cmd += args.extra
-    worker.start()
-    assert worker.proc is not None
+    workers = [WorkerProcess(args.system, apps[args.system], env, args.pool, tmp / f"worker{i}.log",
+                             hostname="bench@%h" if args.workers == 1 else f"cpu{i + 1}@%h")
+               for i in range(args.workers)]
+    for worker in workers:
+        worker.cmd += args.extra
+        worker.start()
+        assert worker.proc is not None
     last: dict[int, dict[tuple[int, str], float]] = {}
     deadline = time.monotonic() + args.timeout
     try:
         while True:
             done = signal.exists() and signal.stat().st_size >= args.tasks * SIGNAL_LINE
-            pids, todo = [worker.proc.pid], list(_children(worker.proc.pid))
+            pids = [w.proc.pid for w in workers if w.proc is not None]
+            todo = [child for pid in pids for child in _children(pid)]
             while todo:
                 child = todo.pop()
                 pids.append(child)
@@ -109,15 +119,18 @@ def main(argv: list[str] | None = None) -> int:
             if done:
                 break
             if time.monotonic() > deadline:
-                raise SystemExit(f"the drain did not finish within {args.timeout:.0f} s:\n{worker.log_tail()}")
+                raise SystemExit(f"the drain did not finish within {args.timeout:.0f} s:\n{workers[0].log_tail()}")
             time.sleep(0.05)
         server_cpu = (cpu_seconds(server) - server_before) if server else 0.0
     finally:
-        worker.stop()
+        for worker in workers:
+            worker.stop()
     stamps = [float(line) for line in signal.read_bytes().split()]
-    wall = max(stamps) - worker.started
+    wall = max(stamps) - min(w.started for w in workers)
     n = args.tasks
-    print(f"{args.system} {args.pool} on {args.broker}: {n / wall:,.0f} tasks/s from process start ({wall:.2f} s)")
+    label = f"{args.workers} x " if args.workers > 1 else ""
+    print(f"{args.system} {label}{args.pool} on {args.broker}: {n / wall:,.0f} tasks/s from process start "
+          f"({wall:.2f} s)")
     total = 0.0
     for pid, threads in last.items():
         seconds = sum(threads.values())
