@@ -4,11 +4,14 @@ pool thread when ``apply_async`` returns; one sent while the pool is busy, or wi
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
+from typing import Any
 
 import pytest
 
+from celeriac.exceptions import SoftTimeLimitExceeded
 from celeriac.worker import pool as pool_module
 from celeriac.worker.pool import ThreadPool
 
@@ -59,3 +62,72 @@ def test_without_wait_taken_apply_async_does_not_wait(monkeypatch: pytest.Monkey
     finally:
         release.set()
         pool.stop()
+
+
+def test_a_soft_time_limit_landing_as_its_job_ends_leaves_the_pool_thread_alive() -> None:
+    # The timer's raise_soft_timeout holds the pool's lock while it checks that the job still
+    # runs and raises into its thread; the job may have returned meanwhile, its thread waiting
+    # for that lock to mark it done. The exception then lands after the job: the pool thread
+    # must report the job once and go on serving (it used to die: the worker lost a slot).
+    pool = ThreadPool(1)
+    pool.start()
+    reported: list[object] = []
+    started, go = threading.Event(), threading.Event()
+
+    def job() -> str:
+        started.set()
+        go.wait(5)
+        return "finished"
+
+    try:
+        handle = pool.apply_async(job, (), reported.append)
+        assert started.wait(5)
+        with pool._lock:  # as raise_soft_timeout does
+            go.set()
+            time.sleep(0.2)  # the job returns; its thread waits for the lock
+            assert not handle.done
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(handle.thread_id),
+                                                       ctypes.py_object(SoftTimeLimitExceeded))
+        after: list[object] = []
+        pool.apply_async(lambda: "next", (), after.append)
+        deadline = time.monotonic() + 5
+        while not after and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert after == ["next"]
+        assert len(reported) == 1
+        # The job is over: a limit meant for it must not interrupt the thread's next job.
+        assert handle.done
+        assert not pool.raise_soft_timeout(handle, SoftTimeLimitExceeded)
+    finally:
+        pool.stop(wait=False)
+
+
+def test_a_job_reported_as_an_exception_still_leaves_the_worker_s_books(celeriac_app: Any) -> None:
+    # What the pool reports when a soft time limit lands as a job ends is the exception, not
+    # the request: the worker must still count the task done (inspect active, reserved slots).
+    from celeriac.testing.plugin import start_worker
+
+    @celeriac_app.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    worker = start_worker(celeriac_app, concurrency=2)
+    try:
+        pool = worker.pool
+        original = pool.apply_async
+
+        def reporting_an_exception(target: Any, args: Any, callback: Any, *rest: Any, **options: Any) -> Any:
+            return original(target, args, lambda _result: callback(SoftTimeLimitExceeded()), *rest, **options)
+
+        pool.apply_async = reporting_an_exception
+        assert add.delay(2, 2).get(timeout=10) == 4
+        consumer = worker.task_consumer
+        deadline = time.monotonic() + 5
+        while consumer.reserved and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert consumer.reserved == 0
+        assert consumer.active == {}
+        assert consumer.totals.get(add.name) == 1
+    finally:
+        worker.stop()
+        worker._thread.join(10)

@@ -319,12 +319,18 @@ class TaskConsumer:
             request.handle = self.pool.apply_async(
                 run_payload, (request.to_payload(),), lambda outcome: self._on_process_done(request, outcome),
                 on_start=lambda: self._on_start(request))
-        elif self._alone and self.reserved == 1 and isinstance(self.pool, ThreadPool):
-            # The only task in flight and no other delivery at hand: the pool thread should
-            # start it now (see ThreadPool.apply_async).
-            request.handle = self.pool.apply_async(self._execute, (request,), self._on_done, wait_taken=True)
         else:
-            request.handle = self.pool.apply_async(self._execute, (request,), self._on_done)
+            # Bound to the request: a pool may report an exception instead of what _execute
+            # returned (a soft time limit landing as the job ended).
+            def done(_result: Any) -> None:
+                self._on_done(request)
+
+            if self._alone and self.reserved == 1 and isinstance(self.pool, ThreadPool):
+                # The only task in flight and no other delivery at hand: the pool thread should
+                # start it now (see ThreadPool.apply_async).
+                request.handle = self.pool.apply_async(self._execute, (request,), done, wait_taken=True)
+            else:
+                request.handle = self.pool.apply_async(self._execute, (request,), done)
 
     def _on_start(self, request: Request) -> None:
         """A pool slot started ``request``: note the time and start its time limits.
@@ -384,18 +390,16 @@ class TaskConsumer:
             logger.exception("Could not settle task %s[%s]", request.name, request.id)
         self._on_done(request)
 
-    def _on_done(self, request: Any) -> None:
-        if isinstance(request, Request):
-            for entry in request.limit_timers:
-                self.timer.cancel(entry)
-            request.limit_timers.clear()
+    def _on_done(self, request: Request) -> None:
+        for entry in request.limit_timers:
+            self.timer.cancel(entry)
+        request.limit_timers.clear()
         with self._lock:
             self.reserved -= 1
             self.processed += 1
-            if isinstance(request, Request):
-                self.active.pop(request.id, None)
-                name = request.task.name
-                self.totals[name] = self.totals.get(name, 0) + 1
+            self.active.pop(request.id, None)
+            name = request.task.name
+            self.totals[name] = self.totals.get(name, 0) + 1
             idle = self.reserved == 0
         if idle:
             # Nothing else in flight to batch acks with: they may go now, after the task's

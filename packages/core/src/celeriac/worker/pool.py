@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+from celeriac.exceptions import SoftTimeLimitExceeded
+
 __all__ = ["Pool", "SoloPool", "ThreadPool"]
 
 Callback = Callable[[Any], None]
@@ -175,10 +177,22 @@ class ThreadPool(Pool):
                 result = target(*args)
             except BaseException as exc:  # SoftTimeLimitExceeded landing after the task ended
                 result = exc
-            with self._lock:
+            while True:
+                try:
+                    self._finish(handle)
+                    break
+                except SoftTimeLimitExceeded:
+                    # Raised for this job as it returned (raise_soft_timeout holds the lock
+                    # while it checks ``done``): it lands here at the latest. The pool thread
+                    # must not die of it; once ``done`` is set, none comes any more.
+                    continue
+            callback(result)
+
+    def _finish(self, handle: _JobHandle) -> None:
+        with self._lock:
+            if not handle.done:
                 handle.done = True
                 self._running -= 1
-            callback(result)
 
     def apply_async(self, target: Callable[..., Any], args: tuple[Any, ...], callback: Callback,
                     on_start: Callable[[], None] | None = None, *, wait_taken: bool = False) -> Any:
