@@ -8,7 +8,8 @@ line (as ``run.py`` does), and samples ``/proc/<pid>/task/<tid>/stat`` of the wo
 tree every 50 ms until the last task ran; the broker server's CPU time (``beam.smp`` or
 ``redis-server``, found with ``pgrep``) is read before and after. Prints the drain rate from
 process start, each process's CPU seconds and microseconds per task with its busiest threads,
-and the server's. The worker's CPU includes its start-up (imports, connecting: about 0.3 s), so
+and the server's, and the share of each process's CPU spent in the kernel (system calls, waking
+threads). The worker's CPU includes its start-up (imports, connecting: about 0.3 s), so
 use thousands of tasks. Linux only. This is what ``bench/README.md``'s "where the time went" figures
 come from; unlike ``profile.py`` nothing traces the processes, so the rates are real.
 
@@ -43,10 +44,17 @@ SERVER = {"amqp": "beam.smp", "redis": "redis-server"}
 
 def cpu_seconds(pid: int, tid: int | None = None) -> float:
     """User plus system CPU seconds of a process (or one of its threads) from ``/proc``."""
+    user, system = user_system_seconds(pid, tid)
+    return user + system
+
+
+def user_system_seconds(pid: int, tid: int | None = None) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process (or one of its threads) from ``/proc``; a
+    process's include its threads that have exited."""
     path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     with open(path) as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 def thread_times(pid: int) -> dict[tuple[int, str], float]:
@@ -101,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         worker.start()
         assert worker.proc is not None
     last: dict[int, dict[tuple[int, str], float]] = {}
+    split: dict[int, tuple[float, float]] = {}
     deadline = time.monotonic() + args.timeout
     try:
         while True:
@@ -114,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             for pid in pids:
                 try:
                     last[pid] = thread_times(pid)
+                    split[pid] = user_system_seconds(pid)
                 except OSError:
                     pass
             if done:
@@ -137,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         total += seconds
         busiest = sorted(threads.items(), key=lambda kv: -kv[1])[:4]
         names = ", ".join(f"{name} {value:.2f}" for (_, name), value in busiest if value >= 0.01)
-        print(f"  pid {pid}: {seconds:.2f} s = {seconds / n * 1e6:.0f} us/task  (threads: {names})")
+        user, system = split.get(pid, (0.0, 0.0))
+        kernel = 100 * system / max(user + system, 1e-9)
+        print(f"  pid {pid}: {seconds:.2f} s = {seconds / n * 1e6:.0f} us/task, {kernel:.0f} % in the kernel  "
+              f"(threads: {names})")
     print(f"  worker total {total / n * 1e6:.0f} us/task; {SERVER[args.broker]} {server_cpu / n * 1e6:.0f} us/task")
     return 0
 

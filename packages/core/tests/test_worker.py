@@ -88,6 +88,16 @@ def test_canvas_through_the_worker(celeriac_worker: Any, tasks: Any) -> None:
     assert workflow().get(timeout=10) == [18, 27]
 
 
+def test_invert_sends_and_waits_as_in_the_guide(celeriac_worker: Any, tasks: Any) -> None:
+    # Celery's "Next Steps", Map & Starmap: ~xsum.map([range(10), range(100)]).
+    assert ~tasks.xsum.map([list(range(10)), list(range(100))]) == [45, 4950]
+    assert ~tasks.add.starmap(zip(range(5), range(5), strict=True)) == [0, 2, 4, 6, 8]
+    assert ~tasks.add.s(2, 2) == 4
+    assert ~(tasks.add.s(2, 2) | tasks.mul.s(8)) == 32
+    with pytest.raises(ValueError, match="inverted"):
+        ~tasks.fail.s("inverted")
+
+
 def test_link_and_link_error(celeriac_worker: Any, tasks: Any) -> None:
     tasks.add.apply_async((2, 2), link=tasks.record.s())
     wait_until(lambda: 4 in tasks.calls)

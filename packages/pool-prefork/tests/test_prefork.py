@@ -537,3 +537,97 @@ def test_jobs_submitted_before_start_run_once_it_starts() -> None:
         assert rec.wait("early0", "early1", "early2") == {"early0": 0, "early1": 1, "early2": 2}
     finally:
         p.stop(wait=True)
+
+
+def _release_when(path: str) -> Any:
+    deadline = time.monotonic() + 20
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return "released"
+
+
+@pytest.mark.parametrize("warm_up", [False, True], ids=["queued-in-parent", "pipelined-in-child"])
+def test_a_revoked_task_waiting_for_a_child_never_runs(app: Celeriac, tmp_path: Path, warm_up: bool) -> None:
+    """A reserved task revoked while every child is busy is REVOKED and never runs, as in Celery,
+    whether it waits in the parent or was already written to a child behind a running task
+    (after short tasks the pool sends a second job to a busy child)."""
+    from celeriac import states
+    from celeriac.exceptions import TaskRevokedError
+
+    until = app.task(name="pf.until2")(_release_when)
+    ran = tmp_path / "ran"
+
+    @app.task(name="pf.mark")
+    def mark(path: str) -> str:
+        open(path, "w").close()
+        return "ran"
+
+    marker = str(tmp_path / "release")
+    worker = _worker(app, concurrency=1)
+    try:
+        if warm_up:  # short tasks first: the child then gets jobs pipelined behind its current one
+            assert [app.tasks["pf.add"].delay(i, i).get(timeout=10) for i in range(3)] == [0, 2, 4]
+        running = until.delay(marker)
+        waiting = mark.delay(str(ran))
+        inspect = app.control.inspect(timeout=1)
+        deadline = time.monotonic() + 10
+        while [item["id"] for item in (inspect.reserved() or {}).get(worker.hostname) or []] != [waiting.id]:
+            assert time.monotonic() < deadline, "the second task was never reserved"
+        app.control.revoke(waiting.id)
+        with pytest.raises(TaskRevokedError):
+            waiting.get(timeout=10)
+        assert waiting.state == states.REVOKED
+        open(marker, "w").close()
+        assert running.get(timeout=10) == "released"
+        assert app.tasks["pf.add"].delay(1, 1).get(timeout=10) == 2  # the child goes on
+        assert not ran.exists()
+    finally:
+        open(marker, "w").close()
+        _stop(worker)
+
+
+def test_revoke_terminate_kills_the_running_task_which_ends_revoked(app: Celeriac, tmp_path: Path) -> None:
+    from celeriac import states
+    from celeriac.exceptions import TaskRevokedError
+
+    until = app.task(name="pf.until3")(_release_when)
+    marker = str(tmp_path / "release")
+    worker = _worker(app, concurrency=1)
+    try:
+        running = until.delay(marker)
+        inspect = app.control.inspect(timeout=1)
+        deadline = time.monotonic() + 10
+        while not (inspect.active() or {}).get(worker.hostname):
+            assert time.monotonic() < deadline, "the task never started"
+        replies = app.control.revoke(running.id, terminate=True, signal="SIGKILL", reply=True, timeout=2)
+        assert {"ok": f"terminate: {running.id}"} in [next(iter(r.values())) for r in replies]
+        with pytest.raises(TaskRevokedError):
+            running.get(timeout=10)
+        assert running.state == states.REVOKED
+        assert app.tasks["pf.add"].delay(2, 2).get(timeout=20) == 4  # a new child took over
+    finally:
+        open(marker, "w").close()
+        _stop(worker)
+
+
+def test_revoking_a_running_task_without_terminate_lets_it_finish(app: Celeriac, tmp_path: Path) -> None:
+    """Celery only flags it: the task finishes and its result stands (no REVOKED stored first)."""
+    from celeriac import states
+
+    until = app.task(name="pf.until4")(_release_when)
+    marker = str(tmp_path / "release")
+    worker = _worker(app, concurrency=1)
+    try:
+        running = until.delay(marker)
+        inspect = app.control.inspect(timeout=1)
+        deadline = time.monotonic() + 10
+        while not (inspect.active() or {}).get(worker.hostname):
+            assert time.monotonic() < deadline, "the task never started"
+        app.control.revoke(running.id, reply=True, timeout=1)
+        assert running.state != states.REVOKED
+        open(marker, "w").close()
+        assert running.get(timeout=10) == "released"
+        assert running.state == states.SUCCESS
+    finally:
+        open(marker, "w").close()
+        _stop(worker)

@@ -280,6 +280,11 @@ class Signature(dict[str, Any]):
             return _chain(self, other, app=self._app)
         return NotImplemented
 
+    def __invert__(self) -> Any:
+        """``~sig``: send it and wait for its result (``sig.apply_async().get()``), as in
+        Celery's guide (``~xsum.map([range(10), range(100)])``). Raises what ``get()`` raises."""
+        return self.apply_async().get()
+
     def __repr__(self) -> str:
         args = ", ".join(repr(a) for a in self.args)
         kwargs = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

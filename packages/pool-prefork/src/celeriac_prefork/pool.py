@@ -579,6 +579,40 @@ class PreforkPool(Pool):
                 process.join(5)
         self._exiting = []
 
+    # -- revokes -------------------------------------------------------------------------------
+
+    def discard(self, handle: Any) -> bool:
+        """Drop a job not started yet: still queued in the parent, or sent to a child behind
+        another job and taken back (under the lock shared with the child, so it never also
+        runs). Its callback gets ``"revoked"``."""
+        if not isinstance(handle, _Job):
+            return False
+        with self._lock:
+            if handle.done or handle.started:
+                return False
+            if handle in self._queue:
+                self._queue.remove(handle)
+            elif handle.slot is None or not self._take_back(handle.slot, handle):
+                return False
+            handle.done = True
+        _report(handle, "revoked")
+        return True
+
+    def terminate(self, handle: Any, signum: int) -> bool:
+        """Signal the child running ``handle``; if it dies, the job's outcome is
+        ``"terminated <signum>"``."""
+        if not isinstance(handle, _Job) or handle.done or not handle.started or handle.pid is None:
+            return False
+        slot = handle.slot
+        if slot is not None and slot.shared[FINISHED] >= handle.seq:
+            return False
+        handle.killed = f"terminated {signum}"
+        try:
+            os.kill(handle.pid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
     # -- time limits and stopping --------------------------------------------------------------
 
     def raise_soft_timeout(self, handle: Any, exc_type: type[BaseException]) -> bool:

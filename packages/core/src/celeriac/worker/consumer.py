@@ -197,6 +197,10 @@ class TaskConsumer:
                         kwargs=headers.get("kwargsrepr"), root_id=headers.get("root_id"),
                         parent_id=headers.get("parent_id"), retries=headers.get("retries"),
                         eta=headers.get("eta"), expires=headers.get("expires"))
+        if request.id in self.tracer.revoked or (request.expires is not None and request.expires < time.time()):
+            # Celery checks at receipt too: an ETA task revoked before it arrived is settled now.
+            self.tracer.discard(request, "revoked" if request.id in self.tracer.revoked else "expired")
+            return
         if request.eta is not None and request.eta > time.time():
             self.held[request.id] = request
             self._defer(request.eta, "eta", request)
@@ -313,6 +317,11 @@ class TaskConsumer:
         self._submit(request)
 
     def _submit(self, request: Request) -> None:
+        if self.pool.process_based and request.id in self.tracer.revoked:
+            # A pool process has none of the revoked ids: the parent discards it.
+            self.tracer.discard(request, "revoked")
+            self._on_done(request)
+            return
         with self._lock:
             self.active[request.id] = request
         if self.pool.process_based:
@@ -367,6 +376,10 @@ class TaskConsumer:
         try:
             if outcome == "ack":
                 tracer.ack(request)
+            elif outcome == "revoked":
+                tracer.discard(request, "revoked")
+            elif isinstance(outcome, str) and outcome.startswith("terminated "):
+                tracer.discard(request, "terminated", int(outcome.split()[1]))
             elif outcome in ("reject", "requeue", "notstarted"):
                 tracer.reject(request, requeue=outcome != "reject")
             elif outcome == "timeout":
@@ -406,6 +419,31 @@ class TaskConsumer:
             # result (not with the next delivery, which they would delay).
             self.consumer.on_idle()
         self._capacity.set()
+
+    # -- revokes ------------------------------------------------------------------------------
+
+    def revoke(self, ids: list[str], terminate: bool = False, signum: int | None = None) -> list[str]:
+        """Revoke ``ids`` (``control revoke``): they never start here; a held (ETA) or reserved
+        one is settled at once (REVOKED stored, message acked). With ``terminate``, the
+        process running one is sent ``signum`` (process pools; a task it kills ends REVOKED).
+        Returns the ids of running tasks signalled. Thread-safe."""
+        tracer = self.tracer
+        tracer.revoked.update(ids)
+        signalled: list[str] = []
+        for task_id in ids:
+            held = self.held.pop(task_id, None)
+            if held is not None:
+                tracer.discard(held, "revoked")
+                continue
+            with self._lock:
+                request = self.active.get(task_id)
+            if request is None:
+                continue
+            if request.time_start is None:
+                self.pool.discard(request.handle)  # else the task sees it is revoked when it starts
+            elif terminate and signum is not None and self.pool.terminate(request.handle, signum):
+                signalled.append(task_id)
+        return signalled
 
     # -- shutdown -----------------------------------------------------------------------------
 

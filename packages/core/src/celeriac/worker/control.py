@@ -193,20 +193,41 @@ def revoke(worker: Worker, task_id: Any = None, terminate: bool = False, signal:
     consumer = worker.task_consumer
     if consumer is None:
         return {"error": "worker not started"}
-    consumer.tracer.revoked.update(ids)
+    signum = _signal_number(signal) if terminate else None
+    if terminate and signum is None:
+        return {"error": f"Unknown signal {signal!r}: use a name such as SIGTERM or SIGKILL, or a number."}
+    # A task running here is left to finish, as in Celery (REVOKED stored now would be
+    # overwritten by its result), unless terminated. One held or reserved here is settled by
+    # the consumer. One this worker has not received is marked REVOKED now: the broker may keep
+    # a countdown task until its ETA (Celery's worker holds it and would settle it at once).
+    with consumer._lock:
+        here = {tid for tid in ids if tid in consumer.active}
+    here |= {tid for tid in ids if tid in consumer.held}
     backend = consumer.tracer.backend
     for tid in ids:
-        if backend is not None:
+        if tid not in here and backend is not None:
             try:
                 backend.store(tid, make_meta(tid, states.REVOKED, TaskRevokedError("revoked")))
             except Exception:
                 logger.exception("Could not store the REVOKED state of %s", tid)
-        held = consumer.held.pop(tid, None)
-        if held is not None:  # stored again with the request's reply_to, which rpc:// needs
-            consumer.tracer.store(held, states.REVOKED, TaskRevokedError("revoked"))
-            consumer.tracer.ack(held)
+    signalled = consumer.revoke(ids, terminate, signum)
+    if terminate:
+        for tid in signalled:
+            logger.info("Terminating %s (%s)", tid, signal)
+        return {"ok": f"terminate: {', '.join(signalled) if signalled else 'tasks unknown'}"}
     logger.info("Tasks flagged as revoked: %s", ", ".join(ids))
     return {"ok": f"tasks {', '.join(ids)} flagged as revoked"}
+
+
+def _signal_number(name: Any) -> int | None:
+    """``SIGTERM``, ``TERM``, ``15`` (str or int) as a signal number; None when unknown."""
+    import signal as signal_module
+
+    if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
+        return int(name)
+    text = str(name).upper()
+    value = getattr(signal_module, text if text.startswith("SIG") else f"SIG{text}", None)
+    return int(value) if isinstance(value, signal_module.Signals) else None
 
 
 @handler("rate_limit")

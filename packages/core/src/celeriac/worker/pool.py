@@ -75,6 +75,18 @@ class Pool(abc.ABC):
         """Raise ``exc_type`` inside the running job ``handle``; False when not possible."""
         return False
 
+    def discard(self, handle: Any) -> bool:
+        """Drop job ``handle`` if it has not started (a revoked task): its callback then gets
+        ``"revoked"``. False when it started, ended, or the pool cannot tell (in-process pools:
+        the task checks the revoked ids itself when it starts). Thread-safe."""
+        return False
+
+    def terminate(self, handle: Any, signum: int) -> bool:
+        """Send signal ``signum`` to the process running job ``handle`` (``revoke`` with
+        ``terminate``); its callback then gets ``"terminated <signum>"`` if the process dies of
+        it. False when the job is not running in a process of this pool. Thread-safe."""
+        return False
+
     def grow(self, n: int = 1) -> None:
         """Add ``n`` slots (threads, processes, greenlets) and raise :attr:`concurrency` by ``n``.
 

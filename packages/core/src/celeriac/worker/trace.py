@@ -122,16 +122,25 @@ class Tracer:
             logger.error("Messages published by task %s[%s] may not have reached the broker: %s",
                          request.name, request.id, exc)
 
+    def discard(self, request: Request, why: str, signum: int | None = None) -> None:
+        """Settle a request that does not run to its end: ``why`` is ``revoked`` or ``expired``
+        (it never started) or ``terminated`` (``revoke(terminate=True)`` killed it with
+        ``signum``). Stores REVOKED (``TaskRevokedError(why)``), sends ``task-revoked`` and
+        acks the message, as Celery does. Never raises for a failed store (it is logged)."""
+        if why == "terminated":
+            logger.warning("Task %s[%s] terminated (signal %s)", request.name, request.id, signum)
+        else:
+            logger.warning("Discarding %s task %s[%s]", why, request.name, request.id)
+        self.store(request, states.REVOKED, TaskRevokedError(why))
+        if self.events is not None:
+            self.events.send("task-revoked", uuid=request.id, terminated=why == "terminated",
+                             signum=signum, expired=why == "expired")
+        self.ack(request)
+
     def _run(self, request: Request) -> None:
         task = request.task
         if request.id in self.revoked or (request.expires is not None and time.time() > request.expires):
-            why = "revoked" if request.id in self.revoked else "expired"
-            logger.warning("Discarding %s task %s[%s]", why, request.name, request.id)
-            self.store(request, states.REVOKED, TaskRevokedError(why))
-            if self.events is not None:
-                self.events.send("task-revoked", uuid=request.id, terminated=False, signum=None,
-                                 expired=why == "expired")
-            self.ack(request)
+            self.discard(request, "revoked" if request.id in self.revoked else "expired")
             return
         if not request.acks_late:
             self.ack(request)
