@@ -631,3 +631,37 @@ def test_revoking_a_running_task_without_terminate_lets_it_finish(app: Celeriac,
     finally:
         open(marker, "w").close()
         _stop(worker)
+
+
+def test_enable_events_reaches_the_children(app: Celeriac) -> None:
+    """``control enable_events`` on a worker started without ``-E``: the tasks its children run
+    send task-started and task-succeeded (they used to send nothing), and disable_events stops
+    them again."""
+    from celeriac.events import EventReceiver
+
+    receiver = EventReceiver(app)
+    worker = _worker(app)
+    add = app.tasks["pf.add"]
+
+    def task_events(task_id: str) -> set[str]:
+        seen: set[str] = set()
+        for event in receiver.itercapture(timeout=3):
+            if event.get("uuid") == task_id:
+                seen.add(event["type"])
+            if "task-succeeded" in seen:
+                break
+        return seen
+
+    try:
+        assert add.delay(1, 1).get(timeout=10) == 2
+        app.control.enable_events(reply=True, timeout=1)
+        on = add.delay(2, 2)
+        assert on.get(timeout=10) == 4
+        assert {"task-received", "task-started", "task-succeeded"} <= task_events(on.id)
+        app.control.disable_events(reply=True, timeout=1)
+        off = add.delay(3, 3)
+        assert off.get(timeout=10) == 6
+        assert task_events(off.id) == set()
+    finally:
+        _stop(worker)
+        receiver.close()

@@ -120,13 +120,15 @@ class Control:
         """Warm shutdown of the workers."""
         self.broadcast("shutdown", destination=destination)
 
-    def enable_events(self, destination: list[str] | None = None) -> None:
-        """Turn task events on."""
-        self.broadcast("enable_events", destination=destination)
+    def enable_events(self, destination: list[str] | None = None, reply: bool = False,
+                      timeout: float = 1.0) -> list[dict[str, Any]]:
+        """Turn task events on (with ``reply``, the workers' answers, as ``broadcast``)."""
+        return self.broadcast("enable_events", destination=destination, reply=reply, timeout=timeout)
 
-    def disable_events(self, destination: list[str] | None = None) -> None:
-        """Turn task events off."""
-        self.broadcast("disable_events", destination=destination)
+    def disable_events(self, destination: list[str] | None = None, reply: bool = False,
+                       timeout: float = 1.0) -> list[dict[str, Any]]:
+        """Turn task events off (with ``reply``, the workers' answers, as ``broadcast``)."""
+        return self.broadcast("disable_events", destination=destination, reply=reply, timeout=timeout)
 
 
 class Inspect:

@@ -20,9 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 from celeriac.exceptions import SoftTimeLimitExceeded
+from celeriac.worker.trace import set_process_events
 from celeriac.worker.worker import flush_log_handlers
 
-__all__ = ["CANCEL", "FINISHED", "HEAD", "SOFT", "STARTED", "child_main"]
+__all__ = ["CANCEL", "EVENTS", "FINISHED", "HEAD", "SHARED_SIZE", "SOFT", "STARTED", "child_main"]
 
 logger = logging.getLogger("celeriac.worker")
 
@@ -30,8 +31,11 @@ logger = logging.getLogger("celeriac.worker")
 #: child -> parent: how long the job ran, in seconds).
 HEAD = struct.Struct("<QQd")
 #: Indexes in a slot's shared memory (signed 64-bit integers): the last job the child started
-#: and finished, the job a soft limit is meant for, and a pipelined job the parent took back.
-STARTED, FINISHED, SOFT, CANCEL = range(4)
+#: and finished, the job a soft limit is meant for, a pipelined job the parent took back, and
+#: whether task events are on (1) or off (0), which ``control enable_events`` changes.
+STARTED, FINISHED, SOFT, CANCEL, EVENTS = range(5)
+#: Bytes of a slot's shared memory.
+SHARED_SIZE = 8 * 5
 
 _shared: memoryview | None = None  # this process's slot memory (set in child_main)
 
@@ -76,6 +80,7 @@ def child_main(sock: socket.socket, lock: Any, shared: memoryview,
         poller.register(sock, select.POLLIN)
         head_size, unpack_from, pack = HEAD.size, HEAD.unpack_from, HEAD.pack
         loads, dumps, clock = pickle.loads, pickle.dumps, time.monotonic
+        events = -1  # the task-events setting applied in this process (-1: the initializer's)
         buf = bytearray()
         chunk = bytearray(65536)
         view = memoryview(chunk)
@@ -99,6 +104,9 @@ def child_main(sock: socket.socket, lock: Any, shared: memoryview,
                 return
             body = buf[head_size:end]
             del buf[:end]
+            if shared[EVENTS] != events:
+                events = shared[EVENTS]
+                set_process_events(bool(events))
             started = clock()
             try:
                 try:

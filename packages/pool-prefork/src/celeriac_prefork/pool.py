@@ -38,7 +38,7 @@ from typing import Any
 from celeriac.exceptions import SoftTimeLimitExceeded
 from celeriac.worker.pool import Callback, Pool
 
-from celeriac_prefork.child import CANCEL, FINISHED, HEAD, SOFT, STARTED, child_main
+from celeriac_prefork.child import CANCEL, EVENTS, FINISHED, HEAD, SHARED_SIZE, SOFT, STARTED, child_main
 
 __all__ = ["PreforkPool"]
 
@@ -149,6 +149,9 @@ class PreforkPool(Pool):
         self._io: threading.Thread | None = None
         self._index = itertools.count(1)
         self._turn = 0
+        #: Task events on in the children (``set_task_events``), also for those forked later.
+        self._events = False
+        self._shared_views: dict[int, memoryview] = {}  # the shared memory of each live child
 
     def init_processes(self, initializer: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self._initializer = (initializer, args)
@@ -159,8 +162,10 @@ class PreforkPool(Pool):
         context = multiprocessing.get_context("fork")
         with self._spawn_lock:
             parent_end, child_end = socket.socketpair()
-            shm = mmap.mmap(-1, 8 * 4)
+            shm = mmap.mmap(-1, SHARED_SIZE)
             shared = memoryview(shm).cast("q")
+            shared[EVENTS] = int(self._events)
+            self._shared_views[id(shared)] = shared
             lock = context.Lock()
             inherited: list[Any] = [parent_end, *self._parent_ends, self._wake_r, self._wake_w]
             process = context.Process(target=child_main,
@@ -399,6 +404,7 @@ class PreforkPool(Pool):
             selector.unregister(slot.process.sentinel)
         with self._spawn_lock:
             self._parent_ends.discard(slot.sock)
+            self._shared_views.pop(id(slot.shared), None)
         slot.sock.close()
 
     def _flush(self, selector: selectors.BaseSelector, slot: _Slot) -> None:
@@ -578,6 +584,13 @@ class PreforkPool(Pool):
                 process.kill()
                 process.join(5)
         self._exiting = []
+
+    def set_task_events(self, enabled: bool) -> None:
+        """Each child reads the setting from its shared memory before its next job."""
+        with self._spawn_lock:
+            self._events = enabled
+            for shared in self._shared_views.values():
+                shared[EVENTS] = int(enabled)
 
     # -- revokes -------------------------------------------------------------------------------
 

@@ -75,6 +75,10 @@ class Pool(abc.ABC):
         """Raise ``exc_type`` inside the running job ``handle``; False when not possible."""
         return False
 
+    def set_task_events(self, enabled: bool) -> None:
+        """Turn task events on or off in the pool's processes (``control enable_events``);
+        in-process pools share the worker's setting and do nothing here. Thread-safe."""
+
     def discard(self, handle: Any) -> bool:
         """Drop job ``handle`` if it has not started (a revoked task): its callback then gets
         ``"revoked"``. False when it started, ended, or the pool cannot tell (in-process pools:

@@ -436,6 +436,7 @@ def _pid() -> int:
 # -- process pools ------------------------------------------------------------------------------
 
 _child_tracer: Tracer | None = None
+_child_dispatcher: Any = None
 
 
 def init_process(app: Celeriac, hostname: str, events: bool) -> None:
@@ -446,6 +447,24 @@ def init_process(app: Celeriac, hostname: str, events: bool) -> None:
         from celeriac.events import EventDispatcher
 
         _child_tracer.events = EventDispatcher(app.broker, hostname)
+
+
+def set_process_events(enabled: bool) -> None:
+    """Turn task events on or off in this pool process (``control enable_events`` /
+    ``disable_events`` after it started). No-op before :func:`init_process`."""
+    global _child_dispatcher
+    tracer = _child_tracer
+    if tracer is None:
+        return
+    if not enabled:
+        tracer.events = None
+        return
+    if tracer.events is None:
+        if _child_dispatcher is None:
+            from celeriac.events import EventDispatcher
+
+            _child_dispatcher = EventDispatcher(tracer.app.broker, tracer.hostname)
+        tracer.events = _child_dispatcher
 
 
 def run_payload(payload: dict[str, Any]) -> str:

@@ -342,6 +342,8 @@ class Worker:
         self.events = enabled
         if self.task_consumer is None or self.dispatcher is None:
             return
+        if self.pool is not None:
+            self.pool.set_task_events(enabled)  # pool processes send their tasks' events
         self.task_consumer.tracer.events = self.dispatcher if enabled else None
         if enabled and self.heart is None:
             consumer = self.task_consumer
