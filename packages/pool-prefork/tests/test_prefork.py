@@ -586,6 +586,15 @@ def test_a_revoked_task_waiting_for_a_child_never_runs(app: Celeriac, tmp_path: 
         _stop(worker)
 
 
+def _started(app: Celeriac, worker: Any, result: Any) -> Any:
+    """``result`` once ``inspect active`` shows its task running on ``worker``."""
+    inspect = app.control.inspect(timeout=1)
+    deadline = time.monotonic() + 10
+    while not (inspect.active() or {}).get(worker.hostname):
+        assert time.monotonic() < deadline, "the task never started"
+    return result
+
+
 def test_revoke_terminate_kills_the_running_task_which_ends_revoked(app: Celeriac, tmp_path: Path) -> None:
     from celeriac import states
     from celeriac.exceptions import TaskRevokedError
@@ -594,11 +603,7 @@ def test_revoke_terminate_kills_the_running_task_which_ends_revoked(app: Celeria
     marker = str(tmp_path / "release")
     worker = _worker(app, concurrency=1)
     try:
-        running = until.delay(marker)
-        inspect = app.control.inspect(timeout=1)
-        deadline = time.monotonic() + 10
-        while not (inspect.active() or {}).get(worker.hostname):
-            assert time.monotonic() < deadline, "the task never started"
+        running = _started(app, worker, until.delay(marker))
         replies = app.control.revoke(running.id, terminate=True, signal="SIGKILL", reply=True, timeout=2)
         assert {"ok": f"terminate: {running.id}"} in [next(iter(r.values())) for r in replies]
         with pytest.raises(TaskRevokedError):
@@ -618,11 +623,7 @@ def test_revoking_a_running_task_without_terminate_lets_it_finish(app: Celeriac,
     marker = str(tmp_path / "release")
     worker = _worker(app, concurrency=1)
     try:
-        running = until.delay(marker)
-        inspect = app.control.inspect(timeout=1)
-        deadline = time.monotonic() + 10
-        while not (inspect.active() or {}).get(worker.hostname):
-            assert time.monotonic() < deadline, "the task never started"
+        running = _started(app, worker, until.delay(marker))
         app.control.revoke(running.id, reply=True, timeout=1)
         assert running.state != states.REVOKED
         open(marker, "w").close()
