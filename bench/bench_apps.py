@@ -49,6 +49,8 @@ app.conf.update(
     task_default_queue=os.environ["BENCH_QUEUE"],
     result_expires=600,
 )
+if os.environ.get("BENCH_DIRECT") == "1":  # Celeriac: process pool children consume themselves
+    app.conf.worker_direct_consume = True
 
 _SIGNAL = os.environ.get("BENCH_SIGNAL", "")
 _fd = [-1, -1]

@@ -71,6 +71,9 @@ DEFAULTS: dict[str, Any] = {
     "worker_prefetch_multiplier": 4,
     "worker_disable_rate_limits": False,
     "worker_send_task_events": False,
+    # Celeriac's own: process pools whose children consume from the broker themselves
+    # (celeriac_prefork.direct); off means the parent consumes and hands tasks to the children.
+    "worker_direct_consume": True,
 }
 
 #: Celery settings Celeriac accepts but does not implement, with what to do instead. Setting one

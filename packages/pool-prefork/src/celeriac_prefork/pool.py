@@ -684,3 +684,12 @@ class PreforkPool(Pool):
         self._closing = True
         self._wake()
         self._io.join(30)
+
+
+def _direct_variant() -> None:
+    from celeriac_prefork.direct import DirectPreforkPool
+
+    PreforkPool.direct_variant = DirectPreforkPool
+
+
+_direct_variant()

@@ -123,6 +123,7 @@ class TaskConsumer:
             if self._queue_changes:
                 self._apply_queue_changes()
             next_due = self._run_due()
+            self.run_pending()
             window = self.prefetch - self.reserved
             if window <= 0:
                 self.consumer.flush()
@@ -143,6 +144,10 @@ class TaskConsumer:
                 self._alone = index == last
                 self.on_delivery(delivery)
             self._alone = False
+
+    def run_pending(self) -> None:
+        """Run what the pool was given to run in this thread (a consuming pool process runs
+        its tasks between fetches); nothing for other pools. Consumer thread only."""
 
     def stop(self) -> None:
         """Stop fetching (the loop ends within ``fetch_timeout``)."""
@@ -293,6 +298,11 @@ class TaskConsumer:
             elif self.held.pop(request.id, None) is not None:  # not revoked meanwhile
                 self.dispatch(request)
         return None
+
+    def task_changed(self, name: str, **settings: Any) -> None:
+        """``control rate_limit`` / ``time_limit`` set ``settings`` on task ``name``: the next
+        request of it uses them (its rate limit bucket is made anew). Thread-safe."""
+        self._buckets.pop(name, None)
 
     # -- dispatching --------------------------------------------------------------------------
 

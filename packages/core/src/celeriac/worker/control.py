@@ -237,7 +237,7 @@ def rate_limit(worker: Worker, task_name: str = "", rate_limit: Any = None) -> A
         return {"error": f"unknown task {task_name}"}
     task.rate_limit = rate_limit or None
     if worker.task_consumer is not None:
-        worker.task_consumer._buckets.pop(task_name, None)
+        worker.task_consumer.task_changed(task_name, rate_limit=task.rate_limit)
     return {"ok": "new rate limit set successfully"}
 
 
@@ -247,6 +247,8 @@ def time_limit(worker: Worker, task_name: str = "", soft: Any = None, hard: Any 
     if task is None:
         return {"error": f"unknown task {task_name}"}
     task.soft_time_limit, task.time_limit = soft, hard
+    if worker.task_consumer is not None:
+        worker.task_consumer.task_changed(task_name, soft_time_limit=soft, time_limit=hard)
     return {"ok": "time limits set successfully"}
 
 

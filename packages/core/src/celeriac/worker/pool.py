@@ -41,6 +41,12 @@ class Pool(abc.ABC):
     #: (``ack``, ``reject``, ``requeue``) or ``lost`` / ``timeout`` when the process died or was
     #: killed at the hard time limit.
     process_based: ClassVar[bool] = False
+    #: True for pools whose processes consume from the broker themselves: the worker then
+    #: calls :meth:`direct_consumer` instead of running a task consumer of its own.
+    consumes_directly: ClassVar[bool] = False
+    #: The variant of this pool whose processes consume themselves (``worker_direct_consume``),
+    #: or None when it has none.
+    direct_variant: ClassVar[Callable[..., Pool] | None] = None
 
     def init_processes(self, initializer: Callable[..., Any], args: tuple[Any, ...]) -> None:
         """Process pools: run ``initializer(*args)`` in every new process (after fork)."""
@@ -70,6 +76,14 @@ class Pool(abc.ABC):
         Process pools call ``on_start()`` in the parent when a process takes the job (the worker
         acks early there); in-process pools ignore it (the task acks itself when it starts).
         """
+
+    def direct_consumer(self, hostname: str, queues: list[Any], prefetch_multiplier: int,
+                        fetch_timeout: float, time_limit: float | None,
+                        soft_time_limit: float | None) -> Any:
+        """Pools that consume directly: the worker's task consumer (a
+        :class:`~celeriac.worker.consumer.TaskConsumer` answering for the processes). Called
+        before :meth:`start`. Raises ``NotImplementedError`` for other pools."""
+        raise NotImplementedError(f"The {self.name} pool does not consume by itself.")
 
     def raise_soft_timeout(self, handle: Any, exc_type: type[BaseException]) -> bool:
         """Raise ``exc_type`` inside the running job ``handle``; False when not possible."""

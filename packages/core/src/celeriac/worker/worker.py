@@ -273,17 +273,25 @@ class Worker:
         if not self._connect():
             return 1
         factory = pool_factory(self.pool_name)
-        self.pool = factory(concurrency=self.concurrency, app=self.app,
-                            max_tasks_per_child=self.max_tasks_per_child)
-        if self.pool.process_based:
-            from celeriac.worker.trace import init_process
+        direct = self._direct_variant(factory)
+        self.pool = (direct or factory)(concurrency=self.concurrency, app=self.app,
+                                        max_tasks_per_child=self.max_tasks_per_child)
+        if self.pool.consumes_directly:
+            self.pool.set_task_events(self.events)
+            self.task_consumer = self.pool.direct_consumer(
+                self.hostname, self.queues, self.prefetch_multiplier, self.fetch_timeout,
+                self.time_limit, self.soft_time_limit)
+            self.pool.start()
+        else:
+            if self.pool.process_based:
+                from celeriac.worker.trace import init_process
 
-            self.pool.init_processes(init_process, (self.app, self.hostname, self.events))
-        self.pool.start()
-        consumer = self.app.broker.consumer(self.queues, self.prefetch)
-        self.task_consumer = TaskConsumer(self.app, consumer, self.pool, self.hostname,
-                                          self.prefetch, self.fetch_timeout, self.time_limit,
-                                          self.soft_time_limit, queues=self.queues)
+                self.pool.init_processes(init_process, (self.app, self.hostname, self.events))
+            self.pool.start()
+            consumer = self.app.broker.consumer(self.queues, self.prefetch)
+            self.task_consumer = TaskConsumer(self.app, consumer, self.pool, self.hostname,
+                                              self.prefetch, self.fetch_timeout, self.time_limit,
+                                              self.soft_time_limit, queues=self.queues)
         if self.autoscale is not None:
             task_consumer = self.task_consumer
             self.autoscaler = Autoscaler(self.pool, lambda: task_consumer.reserved, *self.autoscale,
@@ -311,6 +319,31 @@ class Worker:
         if self._restart:
             self._reexec()
         return self.exit_code
+
+    def _direct_variant(self, factory: Any) -> Callable[..., Pool] | None:
+        """The pool variant whose processes consume themselves, when ``worker_direct_consume``
+        (on by default) asks for it and the pool has one; not with ``--autoscale`` (it sizes the
+        pool by the tasks the parent holds) nor when a task has a rate limit at start (a limit
+        is per worker, and each process would apply it on its own)."""
+        if not self.app.conf.get("worker_direct_consume"):
+            return None
+        variant = getattr(factory, "direct_variant", None)
+        if variant is None:
+            logger.warning("worker_direct_consume: the %s pool has no processes that consume by "
+                           "themselves; the worker consumes for it.", self.pool_name)
+            return None
+        if self.autoscale is not None:
+            logger.info("--autoscale: the worker consumes for its processes (it sizes the pool "
+                        "by the tasks it holds).")
+            return None
+        conf = self.app.conf
+        if not conf.get("worker_disable_rate_limits") and (
+                conf.get("task_default_rate_limit")
+                or any(getattr(task, "rate_limit", None) for task in self.app.tasks.values())):
+            logger.info("Rate limits are set: the worker consumes for its processes, so that a "
+                        "rate limit applies to the worker as a whole.")
+            return None
+        return variant  # type: ignore[no-any-return]
 
     def _start_heartbeat_file(self) -> None:
         path, interval = self._heartbeat_file_args
