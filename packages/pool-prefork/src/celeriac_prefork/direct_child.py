@@ -176,6 +176,8 @@ class ChildConsumer(TaskConsumer):
         self._share = max(1, spec.share)
         self._events = -1
         self._seq = 0
+        #: The request running now (consumer thread), for :meth:`parent_lost`.
+        self.current: Request | None = None
 
     def run_pending(self) -> None:
         take = self._inline.take
@@ -185,6 +187,20 @@ class ChildConsumer(TaskConsumer):
                 return
             target, args, callback = job
             callback(target(*args))
+
+    def parent_lost(self) -> None:
+        """The worker's main process died. Its connection is gone, so in Celery a late-acked
+        task comes back from the broker to run again: this process dies at once if it runs one
+        (the broker requeues what it holds). An early-acked task is finished, with its result
+        stored, as a Celery pool process would; then this process gives back what it holds and
+        exits."""
+        self.stop()
+        current = self.current
+        if current is not None and not current.acked:
+            logger.error("The worker's main process is gone: pool process %s exits; task %s[%s] "
+                         "goes back to the broker", os.getpid(), current.name, current.id)
+            flush_log_handlers()
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def set_task(self, name: str, settings: dict[str, Any]) -> None:
         """``control rate_limit`` / ``time_limit`` reached this process. A rate limit is shared
@@ -246,9 +262,11 @@ class ChildConsumer(TaskConsumer):
         seq = self._seq
         request.handle = seq
         self._publish_running(request, seq)
+        self.current = request
         try:
             return super()._execute(request)
         finally:
+            self.current = None
             self._deadline[0] = 0.0
             self._shared[classic.FINISHED] = seq
             if self._max_tasks and seq >= self._max_tasks:
@@ -293,10 +311,10 @@ class _Link:
                 data = self.sock.recv(65536)
             except OSError:
                 data = b""
-            if not data:  # the parent is gone: stop at once
+            if not data:  # the parent is gone (killed): stop
                 consumer = self.consumer
                 if consumer is not None:
-                    consumer.stop()
+                    consumer.parent_lost()
                 return
             buf += data
             for message in read_frames(buf):
