@@ -678,3 +678,36 @@ def test_enable_events_reaches_the_children(app: Celeriac) -> None:
     finally:
         _stop(worker)
         receiver.close()
+
+
+@pytest.mark.parametrize("setting", ["rate_limit", "autoscale", "off"])
+def test_the_worker_consumes_for_its_children_when_they_must_not(tmp_path: Path, setting: str) -> None:
+    """Children consume by themselves by default; the worker consumes for them when a task has a
+    rate limit at start (it holds for the whole worker), with --autoscale (sized by the tasks
+    the worker holds), or with ``worker_direct_consume = False``."""
+    from celeriac_prefork.direct import DirectPreforkPool
+
+    app = Celeriac("pfc", broker=f"sqlite:///{tmp_path}/b.db", backend=f"sqlite:///{tmp_path}/r.db",
+                   worker_direct_consume=setting != "off")
+
+    @app.task(name="pfc.add", rate_limit="100/s" if setting == "rate_limit" else None)
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    options: dict[str, Any] = {"autoscale": (2, 1)} if setting == "autoscale" else {}
+    worker = _worker(app, **options)
+    try:
+        assert add.delay(2, 3).get(timeout=10) == 5
+        assert not worker.pool.consumes_directly and not isinstance(worker.pool, DirectPreforkPool)
+    finally:
+        _stop(worker)
+        app.close()
+    app.conf.worker_direct_consume = True
+    add.rate_limit = None
+    worker = _worker(app)
+    try:
+        assert add.delay(2, 3).get(timeout=10) == 5
+        assert isinstance(worker.pool, DirectPreforkPool)
+    finally:
+        _stop(worker)
+        app.close()

@@ -63,12 +63,16 @@ logger = logging.getLogger("celeriac.worker")
 _CHECK_INTERVAL = 0.1
 #: Seconds ``inspect`` waits for the children's answers.
 _QUERY_TIMEOUT = 2.0
+#: A child that exits sooner than this (seconds) after it started delays the next fork, by
+#: twice as long each time up to ``_RESPAWN_MAX`` seconds.
+_QUICK_EXIT = 1.0
+_RESPAWN_MAX = 10.0
 #: Task ids settled after their process was lost, kept to answer a redelivery ("drop").
 _SETTLED_MAX = 10000
 
 
 class _Slot:
-    __slots__ = ("deadline", "killed", "lock", "process", "retiring", "shared", "shm", "sock")
+    __slots__ = ("born", "deadline", "killed", "lock", "process", "retiring", "shared", "shm", "sock")
 
     def __init__(self, process: Any, sock: socket.socket, shm: mmap.mmap) -> None:
         self.process = process
@@ -80,6 +84,7 @@ class _Slot:
         #: (sequence, outcome) when the parent killed the child in that task.
         self.killed: tuple[int, str] | None = None
         self.retiring = False
+        self.born = time.monotonic()
 
     def running(self) -> tuple[int, dict[str, Any]] | None:
         """The sequence number and payload of the task the child runs now, or None."""
@@ -302,6 +307,8 @@ class DirectPreforkPool(Pool):
         self.exited_totals: dict[str, int] = {}
         self._wake_r, self._wake_w = -1, -1
         self._io: threading.Thread | None = None
+        self._respawn_at = 0.0
+        self._respawn_delay = 0.0
 
     def direct_consumer(self, hostname: str, queues: list[Queue], prefetch_multiplier: int,
                         fetch_timeout: float, time_limit: float | None,
@@ -494,6 +501,9 @@ class DirectPreforkPool(Pool):
                         pass
             if not slot.process.is_alive():
                 self._on_exit(selector, buffers, slot)
+        if self._respawn_at and now >= self._respawn_at:
+            self._respawn_at = 0.0
+            self._replace_missing()
 
     def _on_readable(self, slot: _Slot, buffers: dict[_Slot, bytearray]) -> None:
         try:
@@ -554,9 +564,24 @@ class DirectPreforkPool(Pool):
         with self._spawn_lock:
             self._parent_ends.discard(slot.sock)
         slot.sock.close()
+        if time.monotonic() - slot.born < _QUICK_EXIT and slot.process.exitcode and not slot.retiring:
+            # A child that cannot even start (an import error, ...): fork the next one later.
+            self._respawn_delay = min(max(2 * self._respawn_delay, 0.5), _RESPAWN_MAX)
+            self._respawn_at = time.monotonic() + self._respawn_delay
+            logger.error("Pool process %s exited %.1f s after it started (exit code %s); the next "
+                         "one starts in %.1f s", slot.process.pid, time.monotonic() - slot.born,
+                         slot.process.exitcode, self._respawn_delay)
+        else:
+            self._respawn_delay = 0.0
+        self._replace_missing()
+
+    def _replace_missing(self) -> None:
+        """Fork children until the pool has :attr:`concurrency` of them (I/O thread)."""
+        if self._stopping or time.monotonic() < self._respawn_at:
+            return
         with self._lock:
-            replace = not self._stopping and not slot.retiring
-        if replace:
+            missing = self.concurrency - sum(1 for s in self._slots if not s.retiring)
+        for _ in range(missing):
             try:
                 new = self._spawn()
             except Exception:

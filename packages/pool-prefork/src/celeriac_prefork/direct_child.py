@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celeriac.broker.base import Delivery
+from celeriac.exceptions import BrokerConnectionError
 from celeriac.routing import Queue
 from celeriac.worker.consumer import TaskConsumer, TokenBucket
 from celeriac.worker.pool import Callback, Pool
@@ -284,6 +285,8 @@ class _Link:
         self._answers: dict[int, str] = {}
         self._answered = threading.Condition()
         self._next = 0
+        #: Set by a stop command or the parent's exit (also before the consumer exists).
+        self.stopped = threading.Event()
 
     def ask(self, task_id: str) -> str:
         with self._answered:
@@ -312,6 +315,7 @@ class _Link:
             except OSError:
                 data = b""
             if not data:  # the parent is gone (killed): stop
+                self.stopped.set()
                 consumer = self.consumer
                 if consumer is not None:
                     consumer.parent_lost()
@@ -330,6 +334,10 @@ class _Link:
             with self._answered:
                 self._answers[message[1]] = message[2]
                 self._answered.notify_all()
+        elif kind == "stop":
+            self.stopped.set()
+            if consumer is not None:
+                consumer.stop()
         elif consumer is None:
             return
         elif kind == "query":
@@ -340,8 +348,6 @@ class _Link:
             consumer.change_queues(add=message[1], cancel=message[2])
         elif kind == "task":
             consumer.set_task(message[1], message[2])
-        elif kind == "stop":
-            consumer.stop()
 
 
 def _entry(request: Request) -> dict[str, Any]:
@@ -360,6 +366,26 @@ def snapshot(consumer: ChildConsumer) -> dict[str, Any]:
     held = [_entry(r) for r in list(consumer.held.values())]
     return {"active": active, "held": held, "totals": totals, "pid": os.getpid(),
             "reserved": consumer.reserved}
+
+
+def _connect(spec: ChildSpec, shared: memoryview, shm: Any, link: _Link) -> ChildConsumer | None:
+    """The child's consumer, once the broker answers (retried as the worker retries its own
+    connection); None when told to stop first."""
+    delay = 1.0
+    while True:
+        try:
+            consumer = ChildConsumer(spec, shared, shm, link.ask)
+        except BrokerConnectionError as exc:
+            logger.error("Pool process %s cannot connect to the broker: %s. Trying again in %.0f s.",
+                         os.getpid(), exc, delay)
+            if link.stopped.wait(delay):
+                return None
+            delay = min(delay * 2, 30.0)
+            continue
+        link.consumer = consumer
+        if link.stopped.is_set():
+            consumer.stop()
+        return consumer
 
 
 def direct_child_main(sock: socket.socket, shm: Any, spec: ChildSpec, inherited: list[Any]) -> None:
@@ -383,11 +409,12 @@ def direct_child_main(sock: socket.socket, shm: Any, spec: ChildSpec, inherited:
     classic._shared = shared
     signal.signal(signal.SIGUSR1, classic._on_sigusr1)
     link = _Link(sock)
+    reader = threading.Thread(target=link.serve, name="PoolLink", daemon=True)
+    reader.start()
     try:
-        consumer = ChildConsumer(spec, shared, shm, link.ask)
-        link.consumer = consumer
-        reader = threading.Thread(target=link.serve, name="PoolLink", daemon=True)
-        reader.start()
+        consumer = _connect(spec, shared, shm, link)
+        if consumer is None:
+            return
         consumer.run()
         consumer.requeue_held()
         consumer.close()
