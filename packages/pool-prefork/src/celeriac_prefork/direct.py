@@ -61,6 +61,8 @@ logger = logging.getLogger("celeriac.worker")
 
 #: Seconds between the I/O thread's checks of hard time limits and of the children's health.
 _CHECK_INTERVAL = 0.1
+#: Seconds :meth:`DirectPreforkPool.start` waits for the first children to consume.
+_READY_TIMEOUT = 30.0
 #: Seconds ``inspect`` waits for the children's answers.
 _QUERY_TIMEOUT = 2.0
 #: A child that exits sooner than this (seconds) after it started delays the next fork, by
@@ -309,6 +311,7 @@ class DirectPreforkPool(Pool):
         self._io: threading.Thread | None = None
         self._respawn_at = 0.0
         self._respawn_delay = 0.0
+        self._ready = 0  # children that reported they consume
 
     def direct_consumer(self, hostname: str, queues: list[Queue], prefetch_multiplier: int,
                         fetch_timeout: float, time_limit: float | None,
@@ -359,6 +362,17 @@ class DirectPreforkPool(Pool):
             self._new_slots.extend(slots)
         self._io = threading.Thread(target=self._io_loop, name="PoolIO", daemon=True)
         self._io.start()
+        # The worker says it is ready once its children consume (their connections are up).
+        deadline = time.monotonic() + _READY_TIMEOUT
+        with self._lock:
+            while self._ready < len(slots):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    logger.warning("%d of %d pool processes are not consuming yet (connecting to "
+                                   "the broker); they start when they can", len(slots) - self._ready,
+                                   len(slots))
+                    break
+                self._changed.wait(left)
 
     def _wake(self) -> None:
         try:
@@ -456,31 +470,43 @@ class DirectPreforkPool(Pool):
             selector.register(self._wake_r, selectors.EVENT_READ, None)
             buffers: dict[_Slot, bytearray] = {}
             while True:
-                if self._new_slots:
-                    with self._lock:
-                        new, self._new_slots = self._new_slots, []
-                    for slot in new:
-                        buffers[slot] = bytearray()
-                        selector.register(slot.sock, selectors.EVENT_READ, slot)
-                        selector.register(slot.process.sentinel, selectors.EVENT_READ, slot)
-                for key, _mask in selector.select(_CHECK_INTERVAL):
-                    slot = key.data
-                    if slot is None:
-                        try:
-                            while os.read(self._wake_r, 4096):
-                                pass
-                        except OSError:
-                            pass
-                    elif slot in buffers:
-                        if key.fileobj is slot.sock:
-                            self._on_readable(slot, buffers)
-                        else:
-                            self._on_exit(selector, buffers, slot)
-                if self._closing:
-                    for slot in list(buffers):
-                        self._on_exit(selector, buffers, slot)
-                    return
-                self._check(selector, buffers)
+                try:
+                    if self._serve_once(selector, buffers):
+                        return
+                except Exception:  # the pool must outlive one bad turn (a failed store, ...)
+                    logger.exception("The prefork pool's I/O thread failed; going on")
+                    time.sleep(_CHECK_INTERVAL)
+
+    def _serve_once(self, selector: selectors.BaseSelector, buffers: dict[_Slot, bytearray]) -> bool:
+        """One turn of the I/O thread; True once the pool is closed."""
+        if self._new_slots:
+            with self._lock:
+                new, self._new_slots = self._new_slots, []
+            for slot in new:
+                buffers[slot] = bytearray()
+                selector.register(slot.sock, selectors.EVENT_READ, slot)
+                selector.register(slot.process.sentinel, selectors.EVENT_READ, slot)
+        for key, _mask in selector.select(_CHECK_INTERVAL):
+            slot = key.data
+            if slot is None:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except OSError:
+                    pass
+            elif slot in buffers:
+                if key.fileobj is slot.sock:
+                    self._on_readable(slot, buffers)
+                else:
+                    self._on_exit(selector, buffers, slot)
+            else:  # left over from a child already settled
+                selector.unregister(key.fileobj)
+        if self._closing:
+            for slot in list(buffers):
+                self._on_exit(selector, buffers, slot)
+            return True
+        self._check(selector, buffers)
+        return False
 
     def _check(self, selector: selectors.BaseSelector, buffers: dict[_Slot, bytearray]) -> None:
         """Hard time limits, and children that died without the sentinel telling yet."""
@@ -519,7 +545,11 @@ class DirectPreforkPool(Pool):
 
     def _on_message(self, slot: _Slot, buffers: dict[_Slot, bytearray], message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == "reply":
+        if kind == "ready":
+            with self._lock:
+                self._ready += 1
+                self._changed.notify_all()
+        elif kind == "reply":
             with self._lock:
                 replies = self._replies.get(message[1])
                 if replies is not None:

@@ -8,7 +8,8 @@ Everything else travels over the socket pair as :data:`FRAME` frames of pickled 
 
 parent -> child: ``("query", n)``, ``("revoke", ids)``, ``("queues", add, cancel)``,
 ``("answer", n, decision)``, ``("stop",)``.
-child -> parent: ``("reply", n, snapshot)``, ``("ask", n, task_id)`` (may a redelivered task run?).
+child -> parent: ``("ready",)`` (consuming), ``("reply", n, snapshot)``, ``("ask", n, task_id)``
+(may a redelivered task run?), ``("totals", counts)`` (when it exits).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ PAYLOAD_OFFSET = 64
 PAYLOAD_MAX = 64 * 1024
 SHM_SIZE = PAYLOAD_OFFSET + PAYLOAD_MAX
 LAYOUT = "q x 6, d, payload"  # documentation only
+#: Headers kept of a task whose payload is too large for the shared memory.
+_KEPT_HEADERS = ("id", "task", "root_id", "parent_id", "group", "group_index", "ignore_result")
 #: A frame: the body's size in bytes, then the pickle.
 FRAME = struct.Struct("<I")
 #: Seconds a child waits for the parent's answer about a redelivered task before running it.
@@ -243,7 +246,13 @@ class ChildConsumer(TaskConsumer):
         body = pickle.dumps(payload, pickle.HIGHEST_PROTOCOL)
         if len(body) > PAYLOAD_MAX:  # keep what settling a lost task needs, not its arguments
             payload.update(args=[], kwargs={})
-            body = pickle.dumps(payload, pickle.HIGHEST_PROTOCOL)[:PAYLOAD_MAX]
+            body = pickle.dumps(payload, pickle.HIGHEST_PROTOCOL)
+            if len(body) > PAYLOAD_MAX:  # huge headers or links: the id and name at least
+                headers = payload["headers"]
+                payload.update(embed={}, headers={k: headers[k] for k in _KEPT_HEADERS if k in headers})
+                body = pickle.dumps(payload, pickle.HIGHEST_PROTOCOL)
+                if len(body) > PAYLOAD_MAX:
+                    body = b""  # the parent then logs that it cannot settle the task
         self._payload[:len(body)] = body
         shared = self._shared
         shared[PAYLOAD_LEN] = len(body)
@@ -338,10 +347,12 @@ class _Link:
             self.stopped.set()
             if consumer is not None:
                 consumer.stop()
+        elif kind == "query":  # before the consumer exists (connecting): nothing to show yet
+            reply = snapshot(consumer) if consumer is not None else {
+                "active": [], "held": [], "totals": {}, "pid": os.getpid(), "reserved": 0}
+            send_frame(self.sock, self.lock, ("reply", message[1], reply))
         elif consumer is None:
             return
-        elif kind == "query":
-            send_frame(self.sock, self.lock, ("reply", message[1], snapshot(consumer)))
         elif kind == "revoke":
             consumer.revoke(list(message[1]))
         elif kind == "queues":
@@ -385,6 +396,10 @@ def _connect(spec: ChildSpec, shared: memoryview, shm: Any, link: _Link) -> Chil
         link.consumer = consumer
         if link.stopped.is_set():
             consumer.stop()
+        try:
+            send_frame(link.sock, link.lock, ("ready",))
+        except OSError:
+            pass
         return consumer
 
 
