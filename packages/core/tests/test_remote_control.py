@@ -88,7 +88,8 @@ def test_pool_grow_and_shrink_change_how_many_tasks_run_at_once(celeriac_app: An
         assert [r.get(timeout=10) for r in results] == [1, 1, 1]
         assert _call(celeriac_app, "pool_shrink", n=2)[worker.hostname] == {"ok": "pool will shrink"}
         assert worker.pool.concurrency == 1
-        wait_until(lambda: len(worker.pool._threads) == 1)
+        # one task thread left, and the thread that runs the task consumer's loop
+        wait_until(lambda: len(worker.pool._threads) == 2)
     finally:
         release.set()
         _stop(worker)

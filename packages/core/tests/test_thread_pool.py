@@ -131,3 +131,41 @@ def test_a_job_reported_as_an_exception_still_leaves_the_worker_s_books(celeriac
     finally:
         worker.stop()
         worker._thread.join(10)
+
+
+def test_an_idle_worker_runs_its_only_task_where_it_fetched_it_and_goes_on_fetching(
+        celeriac_app: Any, tmp_path: Any) -> None:
+    # No hand-off on an idle worker: the pool thread that fetched the only task runs it (a
+    # round trip's latency), after asking another pool thread to go on fetching, so a task sent
+    # while the first one blocks still runs at once.
+    from celeriac.testing.plugin import start_worker
+
+    release = tmp_path / "release"
+
+    @celeriac_app.task(name="lf.blocker")
+    def blocker() -> int:
+        deadline = time.monotonic() + 20
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return threading.get_ident()
+
+    @celeriac_app.task(name="lf.ident")
+    def ident() -> int:
+        return threading.get_ident()
+
+    worker = start_worker(celeriac_app, concurrency=2)
+    try:
+        first = blocker.delay()
+        deadline = time.monotonic() + 10
+        while not worker.task_consumer.active:
+            assert time.monotonic() < deadline, "the first task never started"
+            time.sleep(0.01)
+        second = ident.delay().get(timeout=10)  # runs although the first blocks its thread
+        release.touch()
+        assert first.get(timeout=10) not in (second, worker._thread.ident)
+        # and the worker goes on: round trips, a group
+        assert [ident.delay().get(timeout=10) for _ in range(5)]
+    finally:
+        release.touch()
+        worker.stop()
+        worker._thread.join(10)

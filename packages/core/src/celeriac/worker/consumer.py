@@ -12,6 +12,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celeriac import states
@@ -73,6 +74,15 @@ class TokenBucket:
         return start - now
 
 
+#: Seconds a task run by the leader itself may take before another pool thread leads on: the
+#: longest a delivery then waits for a fetch (see TaskConsumer.run).
+TAKE_OVER_AFTER = 0.0005
+
+
+def _ignore(_result: Any) -> None:
+    pass
+
+
 class TaskConsumer:
     """Moves messages from the broker to the pool until :meth:`stop`."""
 
@@ -103,8 +113,13 @@ class TaskConsumer:
         self.processed = 0
         self.totals: dict[str, int] = {}
         self._lock = threading.Lock()
-        #: True while the delivery being handled is the last one fetched (consumer thread only).
+        #: True while the delivery being handled is the last one fetched (leader only).
         self._alone = False
+        #: Held by the thread running the loop (see :meth:`run`).
+        self._leader = threading.Lock()
+        #: Per thread: ``gave_away`` once a leader gave the loop to a pool thread (_run_here).
+        self._here = threading.local()
+        self._backoff = 1.0
         self._capacity = threading.Event()
         self._stopping = threading.Event()
         self._buckets: dict[str, TokenBucket | None] = {}
@@ -116,34 +131,84 @@ class TaskConsumer:
     # -- loop ---------------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Consume until :meth:`stop` is called."""
-        backoff = 1.0
-        while not self._stopping.is_set():
-            self.loop_at = time.monotonic()  # the loop's last turn, for the liveness file
-            if self._queue_changes:
-                self._apply_queue_changes()
-            next_due = self._run_due()
-            self.run_pending()
-            window = self.prefetch - self.reserved
-            if window <= 0:
-                self.consumer.flush()
-                self._capacity.wait(0.05 if next_due is None else min(0.05, next_due))
-                self._capacity.clear()
-                continue
-            timeout = self.fetch_timeout if next_due is None else min(self.fetch_timeout, next_due)
-            try:
-                deliveries = self.consumer.fetch(window, timeout)
-                backoff = 1.0
-            except BrokerConnectionError as exc:
-                logger.error("Connection to the broker lost: %s. Trying again in %.0f s.", exc, backoff)
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
-                continue
-            last = len(deliveries) - 1
-            for index, delivery in enumerate(deliveries):
-                self._alone = index == last
-                self.on_delivery(delivery)
-            self._alone = False
+        """Consume until :meth:`stop` is called.
+
+        The thread running the loop (fetching and dispatching) is the *leader*: the calling
+        thread, or with the ``threads`` pool one of its threads (the pool gets one thread more
+        than its concurrency for it). There an idle worker's only task runs in the leader
+        itself, with no hand-off to another thread (a round trip's latency): the leader first
+        asks another pool thread to lead on (:meth:`_lead`), then runs the task and goes back to
+        the pool. The calling thread waits for :meth:`stop`. Returns once stopped, with no
+        thread leading."""
+        pool = self.pool
+        if isinstance(pool, ThreadPool):
+            pool.add_leader_thread()
+            pool.apply_async(self._lead, (0.0,), _ignore)
+            self._stopping.wait()
+            with self._leader:  # the leader lets go within fetch_timeout
+                return
+        with self._leader:
+            while not self._stopping.is_set():
+                self._turn()
+
+    def _lead(self, after: float = 0.0) -> None:
+        """Lead the loop in a pool thread, until this thread runs a task itself (it asked
+        another one to lead on) or the consumer stops.
+
+        ``after``: asked by a leader that runs a task itself; wait that long (seconds) first,
+        and lead only if that leader has not taken the loop back meanwhile (a short task): this
+        thread then uses no CPU while the task runs."""
+        if after:
+            time.sleep(after)
+            if not self._leader.acquire(blocking=False):
+                return
+        else:
+            self._leader.acquire()
+        leading = True
+        try:
+            while leading and not self._stopping.is_set():
+                try:
+                    leading = self._turn()  # False: given away (released), this thread ran a task
+                except Exception:  # the loop must go on, as the consumer thread's would
+                    logger.exception("The task consumer's loop failed; going on")
+                    self._stopping.wait(1.0)
+        finally:
+            if leading:
+                self._leader.release()
+
+    def _turn(self) -> bool:
+        """One turn of the loop (leader only); False when this thread gave the loop away to run
+        a task itself (it no longer leads)."""
+        self.loop_at = time.monotonic()  # the loop's last turn, for the liveness file
+        if self._queue_changes:
+            self._apply_queue_changes()
+        next_due = self._run_due()
+        self.run_pending()
+        window = self.prefetch - self.reserved
+        if window <= 0:
+            self.consumer.flush()
+            self._capacity.wait(0.05 if next_due is None else min(0.05, next_due))
+            self._capacity.clear()
+            return True
+        timeout = self.fetch_timeout if next_due is None else min(self.fetch_timeout, next_due)
+        try:
+            deliveries = self.consumer.fetch(window, timeout)
+            self._backoff = 1.0
+        except BrokerConnectionError as exc:
+            logger.error("Connection to the broker lost: %s. Trying again in %.0f s.", exc, self._backoff)
+            self._stopping.wait(self._backoff)
+            self._backoff = min(self._backoff * 2, 30.0)
+            return True
+        here = self._here
+        here.gave_away = False
+        last = len(deliveries) - 1
+        for index, delivery in enumerate(deliveries):
+            self._alone = index == last
+            self.on_delivery(delivery)
+        if here.gave_away:
+            return False
+        self._alone = False
+        return True
 
     def run_pending(self) -> None:
         """Run what the pool was given to run in this thread (a consuming pool process runs
@@ -345,11 +410,23 @@ class TaskConsumer:
                 self._on_done(request)
 
             if self._alone and self.reserved == 1 and isinstance(self.pool, ThreadPool):
-                # The only task in flight and no other delivery at hand: the pool thread should
-                # start it now (see ThreadPool.apply_async).
-                request.handle = self.pool.apply_async(self._execute, (request,), done, wait_taken=True)
+                # The only task in flight and no other delivery at hand: run it here (see run).
+                self._run_here(request, done)
             else:
                 request.handle = self.pool.apply_async(self._execute, (request,), done)
+
+    def _run_here(self, request: Request, done: Callable[[Any], None]) -> None:
+        """Run ``request`` in the leader thread, a pool thread leading the loop meanwhile."""
+        pool = self.pool
+        assert isinstance(pool, ThreadPool)
+        self._alone = False
+        self._here.gave_away = True
+        handle = request.handle = pool.handle_here()
+        pool.apply_async(self._lead, (TAKE_OVER_AFTER,), _ignore)
+        self._leader.release()
+        done(pool.run_here(handle, self._execute, (request,)))
+        if self._leader.acquire(blocking=False):  # nobody took over: lead on, caches warm
+            self._here.gave_away = False
 
     def _on_start(self, request: Request) -> None:
         """A pool slot started ``request``: note the time and start its time limits.

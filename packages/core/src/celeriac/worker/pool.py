@@ -182,6 +182,15 @@ class ThreadPool(Pool):
                 self._add_thread()
             self.concurrency += n
 
+    def add_leader_thread(self) -> None:
+        """One thread more than :attr:`concurrency`, for the task consumer's loop, which runs
+        in one pool thread at a time (``TaskConsumer.run``): ``concurrency`` threads stay for
+        tasks."""
+        if not self._threads:
+            self.start()
+        with self._lock:
+            self._add_thread()
+
     def shrink(self, n: int = 1) -> None:
         with self._lock:
             n = min(n, self.concurrency - 1)
@@ -199,24 +208,36 @@ class ThreadPool(Pool):
                 return
             handle, target, args, callback = job
             handle.thread_id = threading.get_ident()
-            with self._lock:
-                self._running += 1
             if handle.taken is not None:
                 handle.taken.set()
+            callback(self.run_here(handle, target, args))
+
+    def handle_here(self) -> Any:
+        """A job handle for a job the calling thread runs itself (:meth:`run_here`)."""
+        handle = _JobHandle()
+        handle.thread_id = threading.get_ident()
+        return handle
+
+    def run_here(self, handle: Any, target: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        """Run ``target(*args)`` in the calling thread as the job ``handle``
+        (:meth:`raise_soft_timeout` reaches it there); return what it returned, or the exception
+        that ended it. Counts as one running job."""
+        with self._lock:
+            self._running += 1
+        try:
+            result = target(*args)
+        except BaseException as exc:  # SoftTimeLimitExceeded landing after the task ended
+            result = exc
+        while True:
             try:
-                result = target(*args)
-            except BaseException as exc:  # SoftTimeLimitExceeded landing after the task ended
-                result = exc
-            while True:
-                try:
-                    self._finish(handle)
-                    break
-                except SoftTimeLimitExceeded:
-                    # Raised for this job as it returned (raise_soft_timeout holds the lock
-                    # while it checks ``done``): it lands here at the latest. The pool thread
-                    # must not die of it; once ``done`` is set, none comes any more.
-                    continue
-            callback(result)
+                self._finish(handle)
+                break
+            except SoftTimeLimitExceeded:
+                # Raised for this job as it returned (raise_soft_timeout holds the lock
+                # while it checks ``done``): it lands here at the latest. The thread must not
+                # die of it; once ``done`` is set, none comes any more.
+                continue
+        return result
 
     def _finish(self, handle: _JobHandle) -> None:
         with self._lock:
