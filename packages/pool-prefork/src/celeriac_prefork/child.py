@@ -23,7 +23,8 @@ from celeriac.exceptions import SoftTimeLimitExceeded
 from celeriac.worker.trace import set_process_events
 from celeriac.worker.worker import flush_log_handlers
 
-__all__ = ["CANCEL", "EVENTS", "FINISHED", "HEAD", "SHARED_SIZE", "SOFT", "STARTED", "child_main"]
+__all__ = ["CANCEL", "EVENTS", "FINISHED", "HEAD", "SHARED_SIZE", "SOFT", "STARTED", "child_main",
+           "prepare_process"]
 
 logger = logging.getLogger("celeriac.worker")
 
@@ -46,14 +47,11 @@ def _on_sigusr1(signum: int, frame: Any) -> None:
         raise SoftTimeLimitExceeded("The task's soft time limit was exceeded.")
 
 
-def child_main(sock: socket.socket, lock: Any, shared: memoryview,
-               initializer: tuple[Callable[..., Any], tuple[Any, ...]] | None,
-               inherited: list[Any]) -> None:
-    """The loop of a pool process: read a job frame, run ``target(*args)``, send the answer.
-
-    The child closes the parent's ends of every pool socket it inherited, and exits when its
-    parent is gone, so a killed worker never leaves children behind.
-    """
+def prepare_process(inherited: list[Any], shared: memoryview) -> None:
+    """First steps of every pool process (after fork): close the parent's ends of the pool
+    sockets it inherited (``inherited``: sockets and file descriptors), leave Ctrl+C and
+    SIGHUP to the parent, and raise ``SoftTimeLimitExceeded`` on SIGUSR1 for the job the slot
+    memory ``shared`` names."""
     global _shared
     for other in inherited:
         try:
@@ -63,7 +61,6 @@ def child_main(sock: socket.socket, lock: Any, shared: memoryview,
                 other.close()
         except OSError:
             pass
-    parent = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if hasattr(signal, "SIGQUIT"):
@@ -72,6 +69,18 @@ def child_main(sock: socket.socket, lock: Any, shared: memoryview,
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _shared = shared
     signal.signal(signal.SIGUSR1, _on_sigusr1)
+
+
+def child_main(sock: socket.socket, lock: Any, shared: memoryview,
+               initializer: tuple[Callable[..., Any], tuple[Any, ...]] | None,
+               inherited: list[Any]) -> None:
+    """The loop of a pool process: read a job frame, run ``target(*args)``, send the answer.
+
+    The child closes the parent's ends of every pool socket it inherited, and exits when its
+    parent is gone, so a killed worker never leaves children behind.
+    """
+    parent = os.getppid()
+    prepare_process(inherited, shared)
     if initializer is not None:
         fn, args = initializer
         fn(*args)

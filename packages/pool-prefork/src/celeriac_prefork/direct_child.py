@@ -406,23 +406,8 @@ def _connect(spec: ChildSpec, shared: memoryview, shm: Any, link: _Link) -> Chil
 def direct_child_main(sock: socket.socket, shm: Any, spec: ChildSpec, inherited: list[Any]) -> None:
     """The life of a consuming child: consume and run tasks until told to stop (or the parent
     is gone, or ``max_tasks`` ran), then give back what it fetched and did not start."""
-    for other in inherited:
-        try:
-            if isinstance(other, int):
-                os.close(other)
-            else:
-                other.close()
-        except OSError:
-            pass
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if hasattr(signal, "SIGQUIT"):
-        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     shared = memoryview(shm)[:PAYLOAD_OFFSET].cast("q")
-    classic._shared = shared
-    signal.signal(signal.SIGUSR1, classic._on_sigusr1)
+    classic.prepare_process(inherited, shared)
     link = _Link(sock)
     reader = threading.Thread(target=link.serve, name="PoolLink", daemon=True)
     reader.start()
