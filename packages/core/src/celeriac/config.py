@@ -74,6 +74,9 @@ DEFAULTS: dict[str, Any] = {
     # Celeriac's own: process pools whose children consume from the broker themselves
     # (celeriac_prefork.direct); off means the parent consumes and hands tasks to the children.
     "worker_direct_consume": True,
+    # Celeriac's own: at most this many glibc malloc arenas in a worker process (see
+    # celeriac.worker.malloc); None or 0 keeps glibc's default, MALLOC_ARENA_MAX overrides it.
+    "worker_malloc_arena_max": 2,
 }
 
 #: Celery settings Celeriac accepts but does not implement, with what to do instead. Setting one

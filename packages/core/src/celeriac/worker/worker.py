@@ -26,6 +26,7 @@ from celeriac.worker.control import Pidbox
 from celeriac.worker.heartbeat import Heart
 from celeriac.worker.liveness import HeartbeatFile
 from celeriac.worker.logsink import CombiningFileHandler, CombiningStreamHandler
+from celeriac.worker.malloc import limit_malloc_arenas
 
 if TYPE_CHECKING:
     from celeriac.app import Celeriac
@@ -267,6 +268,7 @@ class Worker:
 
     def start(self) -> int:
         """Run until shut down; return the process exit code (0 after a warm shutdown)."""
+        limit_malloc_arenas(self.app.conf.get("worker_malloc_arena_max"))
         if self.install_signals:
             self._install_signal_handlers()
         self.app.import_includes()
