@@ -136,8 +136,8 @@ def test_a_job_reported_as_an_exception_still_leaves_the_worker_s_books(celeriac
 def test_an_idle_worker_runs_its_only_task_where_it_fetched_it_and_goes_on_fetching(
         celeriac_app: Any, tmp_path: Any) -> None:
     # No hand-off on an idle worker: the pool thread that fetched the only task runs it (a
-    # round trip's latency), after asking another pool thread to go on fetching, so a task sent
-    # while the first one blocks still runs at once.
+    # round trip's latency); when it runs on, the watchdog has another pool thread go on
+    # fetching, so a task sent while the first one blocks still runs at once.
     from celeriac.testing.plugin import start_worker
 
     release = tmp_path / "release"

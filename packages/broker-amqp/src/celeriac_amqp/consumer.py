@@ -283,9 +283,22 @@ class AMQPConsumer(Consumer):
 
     def on_idle(self) -> None:
         """The worker runs nothing any more: apply queued acks now rather than with the next
-        delivery (they would delay it). Thread-safe."""
-        if self._ops:
+        delivery (they would delay it). Thread-safe: when no thread drives the connection,
+        the calling thread applies them itself (sparing the driver a wake-up), else it wakes
+        the driver."""
+        if not self._ops:
+            return
+        if self._link is None or self._fault is not None or not self._drive.acquire(blocking=False):
             self._wake()
+            return
+        try:
+            self._apply_ops()
+        except Exception as exc:  # noqa: BLE001 - the I/O thread handles it (reconnects)
+            self._fault = exc
+            with self._park:
+                self._park.notify()
+        finally:
+            self._drive.release()
 
     def flush(self) -> None:
         """Have queued acks applied now. Called by the fetching thread (before it waits for

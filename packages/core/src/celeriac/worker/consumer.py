@@ -74,9 +74,14 @@ class TokenBucket:
         return start - now
 
 
-#: Seconds a task run by the leader itself may take before another pool thread leads on: the
-#: longest a delivery then waits for a fetch (see TaskConsumer.run).
-TAKE_OVER_AFTER = 0.0005
+#: Seconds a task may have taken last time to be run by the leader itself (see TaskConsumer.run).
+SHORT_TASK = 0.002
+#: Seconds between the watchdog's looks at a task run by the leader: the longest, give or take
+#: the GIL, a surprisingly long one keeps the loop from fetching before a pool thread leads on.
+WATCH_INTERVAL = 0.01
+#: Seconds with no task run by the leader after which the watchdog stops looking (and waits
+#: to be woken by the next one).
+WATCH_IDLE = 1.0
 
 
 def _ignore(_result: Any) -> None:
@@ -119,6 +124,15 @@ class TaskConsumer:
         self._leader = threading.Lock()
         #: Per thread: ``gave_away`` once a leader gave the loop to a pool thread (_run_here).
         self._here = threading.local()
+        #: The task the leader runs itself: its sequence number and start (monotonic s; 0.0
+        #: when none runs), read by the watchdog (:meth:`_watch`) without a lock.
+        self._inline_seq = 0
+        self._inline_since = 0.0
+        #: Set to wake the watchdog once it stopped looking (``_watch_idle`` True).
+        self._watch_wake = threading.Event()
+        self._watch_idle = True
+        #: Task name -> seconds its last run took (threads pool), for choosing where it runs.
+        self._last_runtime: dict[str, float] = {}
         self._backoff = 1.0
         self._capacity = threading.Event()
         self._stopping = threading.Event()
@@ -136,34 +150,56 @@ class TaskConsumer:
         The thread running the loop (fetching and dispatching) is the *leader*: the calling
         thread, or with the ``threads`` pool one of its threads (the pool gets one thread more
         than its concurrency for it). There an idle worker's only task runs in the leader
-        itself, with no hand-off to another thread (a round trip's latency): the leader first
-        asks another pool thread to lead on (:meth:`_lead`), then runs the task and goes back to
-        the pool. The calling thread waits for :meth:`stop`. Returns once stopped, with no
-        thread leading."""
+        itself when it took less than :data:`SHORT_TASK` last time: no hand-off to another
+        thread, and no other thread woken (a round trip's latency). Meanwhile the calling
+        thread watches (:meth:`_watch`): if the task runs on, it asks a pool thread to lead
+        on. Returns once stopped, with no thread leading."""
         pool = self.pool
         if isinstance(pool, ThreadPool):
             pool.add_leader_thread()
-            pool.apply_async(self._lead, (0.0,), _ignore)
-            self._stopping.wait()
+            pool.apply_async(self._lead, (True,), _ignore)
+            self._watch()
             with self._leader:  # the leader lets go within fetch_timeout
                 return
         with self._leader:
             while not self._stopping.is_set():
                 self._turn()
 
-    def _lead(self, after: float = 0.0) -> None:
-        """Lead the loop in a pool thread, until this thread runs a task itself (it asked
-        another one to lead on) or the consumer stops.
+    def _watch(self) -> None:
+        """Until stopped: while the leader runs tasks itself, look every
+        :data:`WATCH_INTERVAL` seconds whether one runs on, and then ask a pool thread to lead
+        the loop meanwhile. Waits for the next such task after :data:`WATCH_IDLE` seconds
+        without one, so an idle worker wakes for nothing."""
+        stopping = self._stopping
+        handled = 0  # the last inline task a pool thread was asked to take over from
+        last_seen = time.monotonic()
+        while not stopping.is_set():
+            if self._watch_idle:
+                self._watch_wake.wait(self.fetch_timeout)
+                self._watch_wake.clear()
+                last_seen = time.monotonic()
+                continue
+            stopping.wait(WATCH_INTERVAL)
+            now = time.monotonic()
+            seq, since = self._inline_seq, self._inline_since
+            if since:
+                last_seen = now
+                if seq != handled and now - since >= WATCH_INTERVAL:
+                    handled = seq
+                    self.pool.apply_async(self._lead, (False,), _ignore)
+            elif now - last_seen >= WATCH_IDLE:
+                self._watch_idle = True
+                if self._inline_since:  # one began as the watchdog went idle: look on
+                    self._watch_idle = False
 
-        ``after``: asked by a leader that runs a task itself; wait that long (seconds) first,
-        and lead only if that leader has not taken the loop back meanwhile (a short task): this
-        thread then uses no CPU while the task runs."""
-        if after:
-            time.sleep(after)
-            if not self._leader.acquire(blocking=False):
-                return
-        else:
-            self._leader.acquire()
+    def _lead(self, wait: bool = True) -> None:
+        """Lead the loop in a pool thread, until this thread runs a task itself or the
+        consumer stops.
+
+        ``wait``: False when the watchdog asks for a take-over: lead only if the loop is free
+        now (the leader running a task itself may have taken it back meanwhile)."""
+        if not self._leader.acquire(blocking=wait):
+            return
         leading = True
         try:
             while leading and not self._stopping.is_set():
@@ -218,6 +254,7 @@ class TaskConsumer:
         """Stop fetching (the loop ends within ``fetch_timeout``)."""
         self._stopping.set()
         self._capacity.set()
+        self._watch_wake.set()
 
     @property
     def stopping(self) -> bool:
@@ -409,22 +446,33 @@ class TaskConsumer:
             def done(_result: Any) -> None:
                 self._on_done(request)
 
-            if self._alone and self.reserved == 1 and isinstance(self.pool, ThreadPool):
-                # The only task in flight and no other delivery at hand: run it here (see run).
+            if (self._alone and self.reserved == 1 and isinstance(self.pool, ThreadPool)
+                    and self._last_runtime.get(request.name, 0.0) < SHORT_TASK):
+                # The only task in flight, a short one, and no other delivery at hand: run it
+                # here (see run).
                 self._run_here(request, done)
             else:
                 request.handle = self.pool.apply_async(self._execute, (request,), done)
 
     def _run_here(self, request: Request, done: Callable[[Any], None]) -> None:
-        """Run ``request`` in the leader thread, a pool thread leading the loop meanwhile."""
+        """Run ``request`` in the leader thread; the loop is free meanwhile, for a pool thread
+        the watchdog (:meth:`_watch`) sends if the task runs on."""
         pool = self.pool
         assert isinstance(pool, ThreadPool)
         self._alone = False
         self._here.gave_away = True
         handle = request.handle = pool.handle_here()
-        pool.apply_async(self._lead, (TAKE_OVER_AFTER,), _ignore)
+        self._inline_seq += 1
+        self._inline_since = time.monotonic()
+        if self._watch_idle:
+            self._watch_idle = False
+            self._watch_wake.set()
         self._leader.release()
-        done(pool.run_here(handle, self._execute, (request,)))
+        try:
+            outcome = pool.run_here(handle, self._execute, (request,))
+        finally:
+            self._inline_since = 0.0
+        done(outcome)
         if self._leader.acquire(blocking=False):  # nobody took over: lead on, caches warm
             self._here.gave_away = False
 
@@ -455,7 +503,13 @@ class TaskConsumer:
             self.tracer.reject(request, requeue=True)
             return request
         self._on_start(request)
-        return self.tracer.run(request)
+        if not isinstance(self.pool, ThreadPool):
+            return self.tracer.run(request)
+        started = time.monotonic()
+        try:
+            return self.tracer.run(request)
+        finally:
+            self._last_runtime[request.name] = time.monotonic() - started
 
     def _on_process_done(self, request: Request, outcome: Any) -> None:
         """Apply a pool process's ack decision (or handle its death) in the parent."""
