@@ -63,18 +63,12 @@ def _label(bench: Bench, name: str, broker: str, text: str) -> None:
     bench.progress(f"series {name:<7} {broker:<6}", text)
 
 
-#: Backlogs below this many tasks are drained ``--reps`` times and the median kept: their drain
-#: lasts well under a second (1k tasks: about 0.1 s), so one run moves by a quarter with the
-#: host's noise; a larger one is drained once.
-BACKLOG_REPEAT_BELOW = 100_000
-
-
 def _backlog(bench: Bench, broker: str, points: list[dict[str, Any]]) -> None:
     pool = bench.args.series_pool
     for size in bench.args.backlog_sizes:
         runs: list[dict[str, float]] = []
         error = None
-        for rep in range(bench.args.reps if size < BACKLOG_REPEAT_BELOW else 1):
+        for rep in range(bench.args.reps):  # the median run: one moves by up to a quarter
             queue = bench.queue_name(broker, "celeriac", pool, f"backlog{size}", rep)
             try:
                 runs.append(bench.drain_once(broker, pool, queue, size))
