@@ -64,29 +64,38 @@ def _label(bench: Bench, name: str, broker: str, text: str) -> None:
 
 
 def _backlog(bench: Bench, broker: str, points: list[dict[str, Any]]) -> None:
+    """Drain each backlog ``--reps`` times and keep the median run. The reps go round the sizes
+    (1k, 10k, 100k, then 1k again...), so that the host's speed drifting over the minutes of
+    the series (the shared 2-core machine's rates move by up to a quarter) weighs on every size
+    alike rather than on the sizes drained last."""
     pool = bench.args.series_pool
-    for size in bench.args.backlog_sizes:
-        runs: list[dict[str, float]] = []
-        error = None
-        for rep in range(bench.args.reps):  # the median run: one moves by up to a quarter
+    sizes = list(bench.args.backlog_sizes)
+    runs: dict[int, list[dict[str, float]]] = {size: [] for size in sizes}
+    errors: dict[int, str] = {}
+    for rep in range(bench.args.reps):
+        for size in sizes:
+            if size in errors:
+                continue
             queue = bench.queue_name(broker, "celeriac", pool, f"backlog{size}", rep)
             try:
-                runs.append(bench.drain_once(broker, pool, queue, size))
+                runs[size].append(bench.drain_once(broker, pool, queue, size))
             except RuntimeError as exc:
-                error = str(exc)
-                break
-        if error is not None:
-            points.append({"broker": broker, "x": size, "error": error})
-            _label(bench, "backlog", broker, f"{size:,}: FAILED {error[:300]}")
+                errors[size] = str(exc)
+                _label(bench, "backlog", broker, f"{size:,}: FAILED {errors[size][:300]}")
+                continue
+            got = runs[size][-1]
+            _label(bench, "backlog", broker, f"{size:,} queued, rep {rep + 1}: "
+                                             f"{got.get('from_ready', math.nan):,.0f} tasks/s from ready")
+    for size in sizes:
+        if size in errors:
+            points.append({"broker": broker, "x": size, "error": errors[size]})
             continue
-        figures = _median_run(runs)
+        figures = _median_run(runs[size])
         points.append({"broker": broker, "x": size, **figures})
-        spread = ""
-        if len(runs) > 1:
-            low, high = figures["from_ready_range"]
-            spread = f" (median of {len(runs)}: {low:,.0f}-{high:,.0f})"
+        low, high = figures["from_ready_range"]
         _label(bench, "backlog", broker, f"{size:,} queued: {figures.get('from_ready', math.nan):,.0f} tasks/s "
-                                         f"from ready{spread}, {figures['from_start']:,.0f} from start "
+                                         f"from ready (median of {len(runs[size])}: {low:,.0f}-{high:,.0f}), "
+                                         f"{figures['from_start']:,.0f} from start "
                                          f"(enqueued at {figures['enqueue_rate']:,.0f}/s)")
 
 
