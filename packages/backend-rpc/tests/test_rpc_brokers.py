@@ -56,3 +56,33 @@ def test_no_broker_url_is_a_clear_error() -> None:
     backend = RPCBackend("rpc://", {})
     with pytest.raises(ImproperlyConfigured, match="broker_url"):
         backend.on_task_call("x", "reply")
+
+
+def test_a_replaced_task_answers_its_caller(tmp_path: object) -> None:
+    """``Task.replace`` in a worker: the replacement's result (a task's, a chain's last step's)
+    goes to the reply queue of the client that sent the replaced task, not to the worker's."""
+    from celeriac import Celeriac
+    from celeriac.testing.plugin import start_worker
+
+    app = Celeriac("rpc_replace", broker=f"sqlite:///{tmp_path}/broker.db", backend="rpc://")
+
+    @app.task(name="rr.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name="rr.mul")
+    def mul(x: int, y: int) -> int:
+        return x * y
+
+    @app.task(name="rr.replacer", bind=True)
+    def replacer(self: object, kind: str) -> object:
+        sig = add.s(2, 3) if kind == "task" else add.s(1, 1) | mul.s(10)
+        return self.replace(sig)  # type: ignore[attr-defined]
+
+    worker = start_worker(app, concurrency=2)
+    try:
+        assert replacer.delay("task").get(timeout=10) == 5
+        assert replacer.delay("chain").get(timeout=10) == 20
+    finally:
+        worker.stop()
+        app.close()

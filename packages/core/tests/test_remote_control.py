@@ -163,3 +163,29 @@ def test_scheduled_lists_tasks_parked_in_the_broker_in_the_app_timezone(celeriac
         _stop(worker)
     assert celeriac_app.broker.purge("celery") == 1
     assert celeriac_app.broker.scheduled(["celery"]) == []
+
+
+def test_revoke_terminate_on_the_threads_pool_says_it_cannot_and_the_task_finishes(celeriac_app: Any) -> None:
+    """Celery's threads pool refuses as well (``terminate_job`` is not implemented): the reply is an
+    error that names the task, the task runs to its end, and its result stands."""
+    release = threading.Event()
+    started = threading.Event()
+
+    @celeriac_app.task
+    def hold() -> str:
+        started.set()
+        release.wait(10)
+        return "finished"
+
+    worker = start_worker(celeriac_app, concurrency=2)
+    try:
+        running = hold.delay()
+        assert started.wait(10)
+        reply = _call(celeriac_app, "revoke", task_id=running.id, terminate=True, signal="SIGKILL")[worker.hostname]
+        assert "error" in reply and running.id in reply["error"] and "-P prefork" in reply["error"]
+        release.set()
+        assert running.get(timeout=10) == "finished"
+        assert running.state == "SUCCESS"
+    finally:
+        release.set()
+        _stop(worker)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import importlib
 import os
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from celeriac import current
@@ -252,6 +253,22 @@ class Celeriac:
             self._sent_event_on = bool(self.conf.get("task_send_sent_event"))
             self._router_version = self.conf.version
         return self._router
+
+    @contextlib.contextmanager
+    def replying_to(self, reply_to: str | None) -> Iterator[None]:
+        """Within the block, tasks sent from this thread name ``reply_to`` (a reply queue name,
+        e.g. a running task's ``request.reply_to``) instead of :attr:`thread_oid`: their results
+        reach that caller through ``rpc://``. ``None`` changes nothing. ``Task.replace`` uses it so
+        the replacement answers the original caller, not the worker."""
+        if not reply_to:
+            yield
+            return
+        saved = getattr(self._local, "oid", None)
+        self._local.oid = reply_to
+        try:
+            yield
+        finally:
+            self._local.oid = saved
 
     @property
     def thread_oid(self) -> str:

@@ -96,11 +96,14 @@ class Control:
         """``[{node: {"ok": "pong"}}, ...]`` for every worker that answered."""
         return self.broadcast("ping", reply=True, destination=destination, timeout=timeout)
 
-    def revoke(self, task_id: str | list[str], terminate: bool = False, signal: str = "SIGTERM",
-               reply: bool = False, timeout: float = 1.0) -> list[dict[str, Any]]:
-        """Tell every worker not to run ``task_id`` (and to stop it with ``terminate``)."""
+    def revoke(self, task_id: str | list[str], destination: list[str] | None = None, terminate: bool = False,
+               signal: str = "SIGTERM", reply: bool = False, timeout: float = 1.0) -> list[dict[str, Any]]:
+        """Tell the workers (all, or the node names in ``destination``) not to run ``task_id``
+        (an id or a list of ids), and with ``terminate`` to stop it where it runs, sending
+        ``signal`` (a name such as ``"SIGKILL"``) to a process pool's child. Celery's argument
+        order. With ``reply``, returns ``[{node: reply}]`` collected for ``timeout`` seconds."""
         return self.broadcast("revoke", {"task_id": task_id, "terminate": terminate, "signal": signal},
-                              reply=reply, timeout=timeout)
+                              destination=destination, reply=reply, timeout=timeout)
 
     def rate_limit(self, task_name: str, rate_limit: str | float | None,
                    destination: list[str] | None = None, reply: bool = False,

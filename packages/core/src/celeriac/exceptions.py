@@ -23,6 +23,7 @@ __all__ = [
     "Retry",
     "SoftTimeLimitExceeded",
     "TaskRevokedError",
+    "Terminated",
     "TimeLimitExceeded",
     "TimeoutError",
     "WorkerLostError",
@@ -111,6 +112,18 @@ class Ignore(CeleriacError):
 
 class TaskRevokedError(CeleriacError):
     """The task was revoked or expired before it ran."""
+
+
+class Terminated(CeleriacError):
+    """Raised inside a running task by ``revoke(task_id, terminate=True)`` on a green pool
+    (gevent, eventlet); Celery's name. When it leaves the task, the worker stores REVOKED
+    (``TaskRevokedError('terminated')``) and acks, as when a process pool kills the process (a
+    task that catches it and returns keeps its result). ``signum`` (int or None) is the signal
+    asked for, which a green pool cannot send to a green thread."""
+
+    def __init__(self, signum: int | None = None) -> None:
+        self.signum = signum
+        super().__init__(f"The task was terminated (revoke with terminate=True, signal {signum}).")
 
 
 class SoftTimeLimitExceeded(CeleriacError):

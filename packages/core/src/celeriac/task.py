@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from celeriac import states
-from celeriac.exceptions import MaxRetriesExceededError, Retry
+from celeriac.exceptions import Ignore, ImproperlyConfigured, MaxRetriesExceededError, Retry
 from celeriac.protocol import STANDARD_HEADERS
 
 if TYPE_CHECKING:
@@ -409,6 +409,68 @@ class Task(Generic[P, R]):
             raise error
         return error
 
+    # -- replacing -----------------------------------------------------------------------------
+
+    def replace(self, sig: Signature) -> Any:
+        """End this run and have ``sig`` (a task, chain, group or chord) take its place.
+
+        The replacement inherits this task's id, so a caller's ``AsyncResult`` gets the
+        replacement's result (a group's list of results: the group becomes the header of a chord
+        into ``celery.accumulate``). It also inherits what came after this task: its link
+        callbacks and error callbacks, the rest of its chain, its chord membership and its root
+        id, as in Celery. Use ``return self.replace(sig)``.
+
+        In a worker, sends ``sig`` and raises :class:`~celeriac.exceptions.Ignore` (no state is
+        stored for this run). When run eagerly (``apply()``), runs ``sig`` here and returns its
+        value. Raises ``ImproperlyConfigured`` for a ``sig`` that is a chord member itself (a
+        ``chord`` option) or an empty chain.
+        """
+        request = self.request
+        if request.id is None:
+            raise RuntimeError(f"{self.name}.replace() can only be called while the task runs.")
+        # Results of the replacement's steps answer this task's caller (rpc://), not the worker.
+        with self.app.replying_to(None if request.is_eager else request.reply_to):
+            return self._replace(request, sig)
+
+    def _replace(self, request: Context, sig: Signature) -> Any:
+        from celeriac.canvas import _chain, group, maybe_signature, signature
+
+        sig = maybe_signature(sig, self.app)
+        if sig.options.get("chord"):
+            raise ImproperlyConfigured("A signature replacing a task must not be a chord member itself "
+                                       "(it has a 'chord' option): replace with the chord instead.")
+        if isinstance(sig, _chain) and not sig.tasks:
+            raise ImproperlyConfigured("Cannot replace a task with an empty chain.")
+        if isinstance(sig, group):
+            # The group's results travel on as one list: the body of a chord that returns them.
+            sig = sig | self.app.tasks["celery.accumulate"].s(index=0)
+        for callback in _listed(request.callbacks):
+            sig.link(maybe_signature(callback, self.app))
+        for errback in _listed(request.errbacks):
+            sig.link_error(maybe_signature(errback, self.app))
+        sig.freeze(request.id)
+        nesting = (request.replaced_task_nesting or 0) + 1
+        inherited: dict[str, Any] = {"chord": request.chord, "group_id": request.group,
+                                     "group_index": request.group_index, "root_id": request.root_id}
+        sig.set(replaced_task_nesting=nesting, **{k: v for k, v in inherited.items() if v is not None})
+        if isinstance(sig, _chain):
+            for step in sig.tasks:
+                step.set(replaced_task_nesting=nesting)
+        for step in reversed(request.chain or []):
+            sig = sig | signature(step, app=self.app).set(replaced_task_nesting=nesting)
+        return self.on_replace(sig)
+
+    def on_replace(self, sig: Signature) -> Any:
+        """Send (or, eager, run) the replacement prepared by :meth:`replace`; override it to act
+        on a replacement, calling ``super().on_replace(sig)``.
+
+        Eager: returns the replacement's value. In a worker: raises
+        :class:`~celeriac.exceptions.Ignore` once ``sig`` is sent."""
+        if self.request.is_eager:
+            return sig.apply().get()
+        sig.delay()
+        raise Ignore("Replaced by new task")
+
     # -- signatures ---------------------------------------------------------------------------
 
     def s(self, *args: Any, **kwargs: Any) -> Signature:
@@ -482,3 +544,11 @@ class Task(Generic[P, R]):
                      einfo: Any) -> None:
         """Called in the worker after the task returned, whatever the state."""
 
+
+def _listed(value: Any) -> list[Any]:
+    """``value`` as a list: None is empty, a single link is a list of one."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]

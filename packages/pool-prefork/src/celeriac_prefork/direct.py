@@ -283,6 +283,7 @@ class DirectPreforkPool(Pool):
 
     name = "prefork"
     soft_time_limits = True
+    terminates = True
     process_based = True
     consumes_directly = True
 

@@ -120,6 +120,7 @@ class PreforkPool(Pool):
 
     name = "prefork"
     soft_time_limits = True
+    terminates = True
     process_based = True
 
     def __init__(self, concurrency: int = 1, app: Any = None, max_tasks_per_child: int | None = None,

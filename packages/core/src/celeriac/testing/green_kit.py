@@ -43,7 +43,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from celeriac.exceptions import TimeLimitExceeded
+from celeriac.exceptions import TaskRevokedError, TimeLimitExceeded
 from celeriac.testing.process import WorkerProcess, require_server
 
 __all__ = ["APP", "GreenPoolConformance", "find_examples", "patch_probe", "pool_probe", "wait_for"]
@@ -392,6 +392,33 @@ class GreenPoolConformance:
             assert sorted(_tally(cwd, "end")) == ["0", "1", "2"]
             assert [r.get(timeout=10) for r in results] == [0, 1, 2]
             assert "Warm shutdown" in worker.log()
+        finally:
+            worker.stop()
+
+    def test_revoke_terminate_ends_the_running_task_revoked_and_the_worker_goes_on(
+            self, green_app: GreenApp, monkeypatch: pytest.MonkeyPatch) -> None:
+        """``revoke(id, terminate=True)`` raises ``Terminated`` in the task's green thread: the
+        reply names the task, the result is REVOKED, the task never reaches its end, the message
+        is acked (nothing is redelivered) and the pool slot is free again (Celery kills the
+        greenlet the same way)."""
+        cwd, env, module = green_app
+        url = _redis()
+        env = {**env, "GREEN_BROKER": url, "GREEN_BACKEND": url}
+        worker = self.spawn(cwd, env, module, "terminate", concurrency=1)
+        try:
+            mod = _client(monkeypatch, env, module)
+            running = mod.slow.delay(1, 30.0)
+            wait_for(lambda: _tally(cwd, "start") == ["1"], 15, "the task to start")
+            only = [worker.nodename]  # type: ignore[attr-defined]
+            replies = mod.app.control.revoke(running.id, terminate=True, signal="SIGKILL", destination=only,
+                                             reply=True, timeout=2.5)
+            assert [next(iter(r.values())) for r in replies] == [{"ok": f"terminate: {running.id}"}], replies
+            with pytest.raises(TaskRevokedError):
+                running.get(timeout=10)
+            assert running.state == "REVOKED"
+            assert mod.where.delay().get(timeout=15).startswith(self.pool)  # the one slot is free
+            assert _tally(cwd, "end") == [] and _tally(cwd, "start") == ["1"]  # not redelivered
+            assert "terminated (signal 9)" in worker.log()
         finally:
             worker.stop()
 

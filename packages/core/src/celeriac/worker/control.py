@@ -202,6 +202,7 @@ def revoke(worker: Worker, task_id: Any = None, terminate: bool = False, signal:
     # a countdown task until its ETA (Celery's worker holds it and would settle it at once).
     with consumer._lock:
         here = {tid for tid in ids if tid in consumer.active}
+        running = [tid for tid in ids if tid in here and consumer.active[tid].time_start is not None]
     here |= {tid for tid in ids if tid in consumer.held}
     backend = consumer.tracer.backend
     for tid in ids:
@@ -211,6 +212,13 @@ def revoke(worker: Worker, task_id: Any = None, terminate: bool = False, signal:
             except Exception:
                 logger.exception("Could not store the REVOKED state of %s", tid)
     signalled = consumer.revoke(ids, terminate, signum)
+    pool = worker.pool
+    if terminate and running and pool is not None and not pool.terminates:
+        # Celery's threads and solo pools refuse as well (their terminate_job is not implemented).
+        logger.warning("Cannot terminate %s: the %s pool cannot stop a running task.", ", ".join(running), pool.name)
+        return {"error": f"The {pool.name} pool cannot terminate a running task: {', '.join(running)} "
+                         f"will run to its end (it is flagged as revoked). Start the worker with -P prefork, "
+                         f"gevent or eventlet to terminate tasks."}
     if terminate:
         for tid in signalled:
             logger.info("Terminating %s (%s)", tid, signal)

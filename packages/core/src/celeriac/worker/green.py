@@ -8,7 +8,8 @@ sockets, ``threading`` and ``queue`` cooperate. :class:`GreenPool` holds the who
   (:func:`late_imports`); the banner line (:attr:`GreenPool.description`) says so;
 - ``apply_async`` never blocks: up to ``concurrency`` green threads run at once and further jobs
   wait in a FIFO until a slot frees; ``on_start`` runs first inside the task's green thread;
-- soft and hard time limits are raised inside the task's green thread;
+- soft and hard time limits are raised inside the task's green thread, and so is
+  :class:`~celeriac.exceptions.Terminated` for ``revoke(terminate=True)``;
 - ``grow`` / ``shrink`` change the concurrency; a warm ``stop`` waits for every job, a cold one
   drops the jobs not started and raises ``Reject(requeue=True)`` in the running ones.
 
@@ -29,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from celeriac.exceptions import Reject
+from celeriac.exceptions import Reject, Terminated
 from celeriac.worker.pool import Callback, Pool
 
 __all__ = ["WATCHED_MODULES", "GreenJob", "GreenPool", "cold_shutdown_error", "late_imports"]
@@ -94,6 +95,7 @@ class GreenPool(Pool):
     """
 
     soft_time_limits = True
+    terminates = True
     #: True once :meth:`early_init` has monkey-patched this process (set per subclass).
     patched: ClassVar[bool] = False
     #: What was already imported or running when the process was patched (see
@@ -245,6 +247,19 @@ class GreenPool(Pool):
         if not isinstance(handle, GreenJob) or not handle.started or handle.done or handle.thread is None:
             return False
         self.kill(handle.thread, exc_type(f"The task's {_limit_name(exc_type)} time limit was exceeded."))
+        return True
+
+    def terminate(self, handle: Any, signum: int) -> bool:
+        """Raise :class:`~celeriac.exceptions.Terminated` (``signum``) in the green thread of the
+        running job ``handle`` (``revoke`` with ``terminate``); the worker then stores REVOKED.
+
+        A green thread cannot receive a signal, so every ``signum`` ends it the same way (as in
+        Celery, which kills the greenlet). Returns False when ``handle`` is not a job of a green
+        pool, has not started or has ended. Raises nothing.
+        """
+        if not isinstance(handle, GreenJob) or not handle.started or handle.done or handle.thread is None:
+            return False
+        self.kill(handle.thread, Terminated(signum))
         return True
 
     def grow(self, n: int = 1) -> None:

@@ -35,6 +35,9 @@ class Pool(abc.ABC):
     description: ClassVar[str] = ""
     #: True when :meth:`raise_soft_timeout` can interrupt a running task.
     soft_time_limits: ClassVar[bool] = False
+    #: True when ``revoke(terminate=True)`` can end a running task (:meth:`terminate`, or the
+    #: direct consumer's own way); remote control answers with an error for other pools.
+    terminates: ClassVar[bool] = False
     #: True for pools that run tasks in other processes. The worker then submits
     #: ``celeriac.worker.trace.run_payload`` with plain-data arguments, calls
     #: :meth:`init_processes` before :meth:`start`, and the callback receives the ack decision

@@ -20,7 +20,7 @@ from celeriac.backends.base import (
     make_meta,
 )
 from celeriac.canvas import Signature, final_signatures, group, maybe_signature
-from celeriac.exceptions import ChordError, Ignore, Reject, Retry, TaskRevokedError
+from celeriac.exceptions import ChordError, Ignore, Reject, Retry, TaskRevokedError, Terminated
 from celeriac.plugins.manager import lifecycle
 from celeriac.task import Context, pop_request, push_request
 
@@ -126,12 +126,20 @@ class Tracer:
         """Settle a request that does not run to its end: ``why`` is ``revoked`` or ``expired``
         (it never started) or ``terminated`` (``revoke(terminate=True)`` killed it with
         ``signum``). Stores REVOKED (``TaskRevokedError(why)``), sends ``task-revoked`` and
-        acks the message, as Celery does. Never raises for a failed store (it is logged)."""
+        acks the message, as Celery does; a chord member counts as a REVOKED part, so the chord's
+        body fails with ``ChordError`` instead of waiting forever. Never raises for a failed
+        store (it is logged)."""
         if why == "terminated":
             logger.warning("Task %s[%s] terminated (signal %s)", request.name, request.id, signum)
         else:
             logger.warning("Discarding %s task %s[%s]", why, request.name, request.id)
-        self.store(request, states.REVOKED, TaskRevokedError(why))
+        error = TaskRevokedError(why)
+        self.store(request, states.REVOKED, error)
+        embed = request.message.embed
+        if embed.get("chord"):
+            headers = request.message.headers
+            self._chord_part(request, headers.get("group"), headers.get("group_index"), request.id,
+                             embed["chord"], states.REVOKED, encode_exception(error))
         if self.events is not None:
             self.events.send("task-revoked", uuid=request.id, terminated=why == "terminated",
                              signum=signum, expired=why == "expired")
@@ -169,6 +177,12 @@ class Tracer:
             self.ack(request)
             if hooks.postrun is not None:
                 hooks.postrun(task=task, task_id=request.id, state=states.IGNORED, retval=None)
+            return
+        except Terminated as exc:  # revoke(terminate=True) on a green pool: never retried
+            pop_request()
+            if hooks.postrun is not None:
+                hooks.postrun(task=task, task_id=request.id, state=states.REVOKED, retval=exc)
+            self.discard(request, "terminated", exc.signum)
             return
         except Reject as exc:
             pop_request()
