@@ -1,4 +1,4 @@
-"""``Task.replace`` and revoked chord members, run on Celery and on Celeriac, outcomes compared.
+"""``Task.replace``, ``Task.add_to_chord`` and revoked chord members, run on Celery and on Celeriac, outcomes compared.
 
 One app module serves both libraries (``RD_LIB`` picks ``celery`` or ``celeriac``); one worker per
 system (``-P threads -c 4``) on the live Redis, as broker and result backend. A driver per system
@@ -96,6 +96,14 @@ def replacement(kind):
     raise ValueError(kind)
 
 
+@app.task(name="rd.adder", bind=True)
+def adder(self, lazy):
+    sig = self.add_to_chord(add.si(10, 10), lazy=lazy)
+    if lazy:
+        sig.delay()
+    return 1
+
+
 @app.task(name="rd.replacer", bind=True)
 def replacer(self, kind):
     return self.replace(replacement(kind))
@@ -106,7 +114,7 @@ SCENARIOS = (
     "task", "chain", "group", "chord", "twice", "fail",
     "in_chain", "in_chain_then_fails", "chord_member", "chord_member_group", "group_member",
     "link", "link_chain", "link_error", "link_error_in_chain", "chain_in_chord_member",
-    "revoked_chord_member", "eager",
+    "revoked_chord_member", "eager", "add_to_chord", "add_to_chord_lazy", "add_to_chord_outside",
 )
 
 
@@ -141,6 +149,10 @@ def _send(mod: Any, name: str) -> Any:
         member = result.parent.results[1]
         mod.app.control.revoke(member.id)
         return result
+    if name in ("add_to_chord", "add_to_chord_lazy"):
+        return mod.chord([mod.adder.si(name.endswith("lazy")), add.si(1, 1)], xsum.s())()
+    if name == "add_to_chord_outside":
+        return mod.adder.delay(False)
     if name == "eager":
         return r.apply(("chain",)).get()
     raise ValueError(name)
@@ -283,6 +295,8 @@ def test_the_scenarios_show_what_replace_does(outcomes: dict[str, dict[str, Any]
     assert ours["chord_member_group"]["calls"] == [["body", [[2, 4], 2]]]
     assert ours["group_member"]["value"] == [[2, 4], 2, 6]
     assert ours["chain_in_chord_member"]["value"] == 21
+    assert ours["add_to_chord"]["value"] == ours["add_to_chord_lazy"]["value"] == 23
+    assert ours["add_to_chord_outside"]["exc"] == "ValueError"
 
 
 if __name__ == "__main__":  # the driver of one system, started by the fixture above

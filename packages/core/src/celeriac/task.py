@@ -471,6 +471,29 @@ class Task(Generic[P, R]):
         sig.delay()
         raise Ignore("Replaced by new task")
 
+    def add_to_chord(self, sig: Signature, lazy: bool = False) -> Any:
+        """Add ``sig`` as one more member of the chord this task is a member of; the chord's
+        body then waits for it too and gets its result with the others (at this task's place
+        in the list). Returns the sent ``AsyncResult``, or with ``lazy`` the prepared signature
+        (send it with ``delay()``).
+
+        Raises ``ValueError`` when this task is not a chord member, and ``NotImplementedError``
+        when the result backend cannot change a running chord (Celery: Redis only; Celeriac:
+        Redis, SQLite and in-memory).
+        """
+        request = self.request
+        if not request.chord or not request.group:
+            raise ValueError(f"{self.name}[{request.id}] is not a member of any chord: add_to_chord "
+                             "can only be called by a chord header task while it runs.")
+        backend = self.app.backend
+        if backend is None:
+            raise ValueError("add_to_chord needs a result backend.")
+        sig.set(group_id=request.group, group_index=request.group_index, chord=request.chord,
+                root_id=request.root_id)
+        sig.freeze()
+        backend.add_to_chord(request.group, 1)
+        return sig if lazy else sig.delay()
+
     # -- signatures ---------------------------------------------------------------------------
 
     def s(self, *args: Any, **kwargs: Any) -> Signature:

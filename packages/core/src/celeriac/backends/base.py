@@ -198,6 +198,13 @@ class ResultBackend(abc.ABC):
         before it publishes the header)."""
         raise NotImplementedError(f"{type(self).__name__} does not support chords.")
 
+    def add_to_chord(self, group_id: str, count: int = 1) -> None:
+        """Raise the size of the running chord ``group_id`` by ``count`` members
+        (``Task.add_to_chord``; called before the new member is sent). Raises
+        ``NotImplementedError`` where the backend cannot (the default)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot add members to a running chord: use the "
+                                  "Redis, SQLite or in-memory result backend for Task.add_to_chord.")
+
     def get_many(self, task_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Return the stored meta of each id that has one."""
         found: dict[str, dict[str, Any]] = {}

@@ -177,6 +177,12 @@ class MemoryBackend(ResultBackend):
         with self._data.cond:
             self._data.chords.setdefault(group_id, _Chord()).size = size
 
+    def add_to_chord(self, group_id: str, count: int = 1) -> None:
+        """Raise the size of the running chord ``group_id`` by ``count`` members."""
+        with self._data.cond:
+            chord = self._data.chords.setdefault(group_id, _Chord())
+            chord.size = (chord.size or 0) + int(count)
+
     def chord_part_return(self, group_id: str, group_index: int | None, task_id: str,
                           state: str, result: Any) -> list[ChordEntry] | None:
         """Record one finished member; the call that completes the chord gets the entries.

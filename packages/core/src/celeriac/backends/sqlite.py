@@ -255,6 +255,21 @@ class SQLiteBackend(ResultBackend):
             "(SELECT COUNT(*) FROM celeriac_chord_parts WHERE group_id = ?))",
             (group_id, int(size), group_id))
 
+    def add_to_chord(self, group_id: str, count: int = 1) -> None:
+        """Raise the size of the running chord ``group_id`` by ``count`` members (a chord
+        unknown here gets a row of that size)."""
+        conn = self._conn()
+
+        def grow() -> None:
+            # No upsert: SQLite before 3.24 lacks ON CONFLICT ... DO UPDATE.
+            cur = conn.execute("UPDATE celeriac_chords SET size = size + ? WHERE group_id = ?",
+                               (int(count), group_id))
+            if cur.rowcount <= 0:
+                conn.execute("INSERT INTO celeriac_chords (group_id, size, done) VALUES (?, ?, 0)",
+                             (group_id, int(count)))
+
+        self._transaction(conn, grow)
+
     def chord_part_return(self, group_id: str, group_index: int | None, task_id: str,
                           state: str, result: Any) -> list[ChordEntry] | None:
         """Record one finished member in one IMMEDIATE transaction; the call that completes the
