@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import logging
 import mmap
-import multiprocessing
 import os
 import pickle
 import selectors
@@ -40,7 +39,7 @@ from typing import Any
 from celeriac.broker.base import Consumer, Delivery
 from celeriac.routing import Queue
 from celeriac.worker.consumer import TaskConsumer
-from celeriac.worker.pool import Callback, Pool
+from celeriac.worker.pool import Callback
 from celeriac.worker.request import Request
 
 from celeriac_prefork import child as classic
@@ -54,6 +53,7 @@ from celeriac_prefork.direct_child import (
     read_frames,
     send_frame,
 )
+from celeriac_prefork.forking import ForkingPool
 
 __all__ = ["DirectConsumer", "DirectPreforkPool"]
 
@@ -278,7 +278,7 @@ class DirectConsumer(TaskConsumer):
         self.timer.stop()
 
 
-class DirectPreforkPool(Pool):
+class DirectPreforkPool(ForkingPool):
     """``-P prefork`` with ``worker_direct_consume``: forked children that consume themselves."""
 
     name = "prefork"
@@ -289,27 +289,16 @@ class DirectPreforkPool(Pool):
 
     def __init__(self, concurrency: int = 1, app: Any = None, max_tasks_per_child: int | None = None,
                  **options: Any) -> None:
-        super().__init__(concurrency, app, **options)
-        self.max_tasks_per_child = max_tasks_per_child
+        super().__init__(concurrency, app, max_tasks_per_child, **options)
         self.consumer: DirectConsumer | None = None
         self._spec: dict[str, Any] = {}
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
         self._slots: list[_Slot] = []
         self._new_slots: list[_Slot] = []
-        self._spawn_lock = threading.Lock()
-        self._parent_ends: set[socket.socket] = set()
-        self._index = itertools.count(1)
         self._queries = itertools.count(1)
         self._replies: dict[int, list[dict[str, Any]]] = {}
-        self._events = False
-        self._stopping = False
-        self._closing = False
         self._processed_base = 0
         #: Tasks finished per name by children that exited cleanly.
         self.exited_totals: dict[str, int] = {}
-        self._wake_r, self._wake_w = -1, -1
-        self._io: threading.Thread | None = None
         self._respawn_at = 0.0
         self._respawn_delay = 0.0
         self._ready = 0  # children that reported they consume
@@ -335,28 +324,18 @@ class DirectPreforkPool(Pool):
         consumer = self.consumer
         if consumer is None:
             raise RuntimeError("Call direct_consumer() before starting the pool.")
-        context = multiprocessing.get_context("fork")
-        with self._spawn_lock:
-            parent_end, child_end = socket.socketpair()
-            shm = mmap.mmap(-1, SHM_SIZE)
-            memoryview(shm)[:PAYLOAD_OFFSET].cast("q")[classic.EVENTS] = int(self._events)
-            spec = ChildSpec(self.app, queues=list(consumer.planned_queues()),
-                             max_tasks=self.max_tasks_per_child, revoked=set(consumer.tracer.revoked),
-                             share=self.concurrency,
-                             **self._spec)
-            inherited: list[Any] = [parent_end, *self._parent_ends, self._wake_r, self._wake_w]
-            process = context.Process(target=direct_child_main, args=(child_end, shm, spec, inherited),
-                                      name=f"ForkPoolWorker-{next(self._index)}", daemon=True)
-            process.start()
-            child_end.close()
-            self._parent_ends.add(parent_end)
+        shm = mmap.mmap(-1, SHM_SIZE)
+        memoryview(shm)[:PAYLOAD_OFFSET].cast("q")[classic.EVENTS] = int(self._events)
+        spec = ChildSpec(self.app, queues=list(consumer.planned_queues()),
+                         max_tasks=self.max_tasks_per_child, revoked=set(consumer.tracer.revoked),
+                         share=self.concurrency,
+                         **self._spec)
+        process, parent_end = self._fork(
+            direct_child_main, lambda child_end, inherited: (child_end, shm, spec, inherited))
         return _Slot(process, parent_end, shm)
 
     def start(self) -> None:
-        if not hasattr(os, "fork"):
-            raise RuntimeError("The prefork pool needs os.fork(); use -P threads on this platform.")
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
+        self._open_wake_pipe()
         slots = [self._spawn() for _ in range(self.concurrency)]
         with self._lock:
             self._slots.extend(slots)
@@ -374,12 +353,6 @@ class DirectPreforkPool(Pool):
                                    len(slots))
                     break
                 self._changed.wait(left)
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
 
     def grow(self, n: int = 1) -> None:
         slots = [self._spawn() for _ in range(n)]
@@ -592,8 +565,7 @@ class DirectPreforkPool(Pool):
         selector.unregister(slot.sock)
         selector.unregister(slot.process.sentinel)
         self._settle_exit(slot)
-        with self._spawn_lock:
-            self._parent_ends.discard(slot.sock)
+        self._forget_parent_end(slot.sock)
         slot.sock.close()
         if time.monotonic() - slot.born < _QUICK_EXIT and slot.process.exitcode and not slot.retiring:
             # A child that cannot even start (an import error, ...): fork the next one later.

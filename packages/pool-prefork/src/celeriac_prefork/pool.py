@@ -36,9 +36,10 @@ from collections.abc import Callable
 from typing import Any
 
 from celeriac.exceptions import SoftTimeLimitExceeded
-from celeriac.worker.pool import Callback, Pool
+from celeriac.worker.pool import Callback
 
 from celeriac_prefork.child import CANCEL, EVENTS, FINISHED, HEAD, SHARED_SIZE, SOFT, STARTED, child_main
+from celeriac_prefork.forking import ForkingPool
 
 __all__ = ["PreforkPool"]
 
@@ -115,7 +116,7 @@ class _Slot:
         return not (self.retiring or self.dead) and (not limit or self.sent < limit)
 
 
-class PreforkPool(Pool):
+class PreforkPool(ForkingPool):
     """``-P prefork``: ``concurrency`` forked child processes."""
 
     name = "prefork"
@@ -125,33 +126,20 @@ class PreforkPool(Pool):
 
     def __init__(self, concurrency: int = 1, app: Any = None, max_tasks_per_child: int | None = None,
                  **options: Any) -> None:
-        super().__init__(concurrency, app, **options)
-        self.max_tasks_per_child = max_tasks_per_child
+        super().__init__(concurrency, app, max_tasks_per_child, **options)
         self._initializer: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
         #: Jobs not sent yet, in order.
         self._queue: deque[_Job] = deque()
         self._slots: list[_Slot] = []
         self._seq = itertools.count(1)
         self._abandon = False
-        self._stopping = False
-        self._closing = False
-        # Forks one at a time, so no child inherits a socket end made for another.
-        self._spawn_lock = threading.Lock()
-        self._parent_ends: set[socket.socket] = set()
         # Slots the I/O thread must start watching; processes retired, to reap.
         self._new_slots: list[_Slot] = []
         self._exiting: list[Any] = []
         self._want_write = False
         self._chunk = bytearray(65536)  # the I/O thread's receive buffer
         self._chunk_view = memoryview(self._chunk)
-        self._wake_r, self._wake_w = -1, -1
-        self._io: threading.Thread | None = None
-        self._index = itertools.count(1)
         self._turn = 0
-        #: Task events on in the children (``set_task_events``), also for those forked later.
-        self._events = False
         self._shared_views: dict[int, memoryview] = {}  # the shared memory of each live child
 
     def init_processes(self, initializer: Callable[..., Any], args: tuple[Any, ...]) -> None:
@@ -160,29 +148,19 @@ class PreforkPool(Pool):
     # -- children ------------------------------------------------------------------------------
 
     def _spawn(self) -> _Slot:
-        context = multiprocessing.get_context("fork")
+        shm = mmap.mmap(-1, SHARED_SIZE)
+        shared = memoryview(shm).cast("q")
+        lock = multiprocessing.get_context("fork").Lock()
         with self._spawn_lock:
-            parent_end, child_end = socket.socketpair()
-            shm = mmap.mmap(-1, SHARED_SIZE)
-            shared = memoryview(shm).cast("q")
             shared[EVENTS] = int(self._events)
             self._shared_views[id(shared)] = shared
-            lock = context.Lock()
-            inherited: list[Any] = [parent_end, *self._parent_ends, self._wake_r, self._wake_w]
-            process = context.Process(target=child_main,
-                                      args=(child_end, lock, shared, self._initializer, inherited),
-                                      name=f"ForkPoolWorker-{next(self._index)}", daemon=True)
-            process.start()
-            child_end.close()
-            parent_end.setblocking(False)
-            self._parent_ends.add(parent_end)
+        process, parent_end = self._fork(
+            child_main, lambda child_end, inherited: (child_end, lock, shared, self._initializer, inherited))
+        parent_end.setblocking(False)
         return _Slot(process, parent_end, lock, shm, shared)
 
     def start(self) -> None:
-        if not hasattr(os, "fork"):
-            raise RuntimeError("The prefork pool needs os.fork(); use -P threads on this platform.")
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
+        self._open_wake_pipe()
         slots = [self._spawn() for _ in range(self.concurrency)]
         self._io = threading.Thread(target=self._io_loop, name="PoolIO", daemon=True)
         self._io.start()
@@ -191,12 +169,6 @@ class PreforkPool(Pool):
             self._new_slots.extend(slots)
             self._dispatch()  # what was submitted before start
         self._wake()
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass
 
     def grow(self, n: int = 1) -> None:
         """Fork ``n`` more children (thread-safe)."""
