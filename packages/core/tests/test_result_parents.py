@@ -80,3 +80,20 @@ def test_a_chain_step_failure_is_raised_for_the_unrun_step() -> None:
     backend.store("third", make_meta("third", states.FAILURE, KeyError("step two")))
     with pytest.raises(KeyError, match="step two"):
         third.get(timeout=5)
+
+
+def test_revoked_state_stored_by_a_celery_worker_keeps_its_reason(tmp_path: Any) -> None:
+    """A Celery worker stores REVOKED with Celery's ``TaskRevokedError('terminated')`` (in a mixed
+    fleet); a Celeriac client raises Celeriac's ``TaskRevokedError`` with that reason."""
+    import celery.exceptions
+
+    from celeriac import Celeriac
+    from celeriac.exceptions import TaskRevokedError
+
+    app = Celeriac("mixed", broker=f"sqlite:///{tmp_path}/b.db", backend=f"sqlite:///{tmp_path}/r.db")
+    try:
+        app.backend.store("t-1", make_meta("t-1", "REVOKED", celery.exceptions.TaskRevokedError("terminated")))
+        with pytest.raises(TaskRevokedError, match="^terminated$"):
+            app.AsyncResult("t-1").get(timeout=5)
+    finally:
+        app.close()

@@ -115,6 +115,30 @@ def test_eager_autoretry_honours_retry_kwargs() -> None:
     assert runs == [0, 1, 2, 3, 4, 5]
 
 
+def test_eager_errbacks_get_the_request_or_the_id_as_in_a_worker() -> None:
+    """As Celery: an errback taking ``(request, exc, traceback)`` is called with them, one
+    taking one argument gets the failed task's id (it used to get the id in both cases, so the
+    first kind failed unseen)."""
+    app = Celeriac("eager-eb", broker="memory://eager-errbacks")
+    seen: list[Any] = []
+
+    @app.task
+    def boom() -> None:
+        raise ValueError("boom")
+
+    @app.task
+    def with_request(request: Any, exc: BaseException, traceback: str) -> None:
+        seen.append(("request", request.id, type(exc).__name__, "ValueError" in traceback))
+
+    @app.task
+    def with_id(task_id: str) -> None:
+        seen.append(("id", task_id))
+
+    result = boom.apply(task_id="t-1", link_error=[with_request.s(), with_id.s()])
+    assert result.state == states.FAILURE
+    assert seen == [("request", "t-1", "ValueError", True), ("id", "t-1")]
+
+
 # -- item 6: every time computed in UTC ----------------------------------------------------------
 
 def _capture(app: Celeriac, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Message, float | None]]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from celeriac import chord
+from celeriac import chord, group
 from celeriac.testing.plugin import start_worker
 
 
@@ -34,6 +34,11 @@ def tasks(celeriac_app: Any) -> Iterator[Any]:
         sig = self.add_to_chord(add.si(10, 10), lazy=lazy)
         if lazy:
             sig.delay()
+        return 1
+
+    @app.task(name="tr.group_adder", bind=True)
+    def group_adder(self: Any) -> int:
+        self.add_to_chord(group(add.si(1, 2), add.si(3, 4)))
         return 1
 
     worker = start_worker(app, concurrency=4)
@@ -62,6 +67,14 @@ def test_add_to_chord_makes_the_body_wait_for_the_new_member(tasks: Any, lazy: b
     add, xsum, adder = (tasks.tasks[name] for name in ("tr.add", "tr.xsum", "tr.adder"))
     result = chord([adder.si(lazy), add.si(1, 1)], xsum.s())()
     assert result.get(timeout=10) == 1 + 2 + 20
+
+
+def test_add_to_chord_of_a_group_waits_for_every_member(tasks: Any) -> None:
+    """Each member of the added group is one more part of the chord (Celery's body gets only the
+    group's results: docs/differences.md)."""
+    add, xsum, group_adder = (tasks.tasks[name] for name in ("tr.add", "tr.xsum", "tr.group_adder"))
+    result = chord([group_adder.si(), add.si(1, 1)], xsum.s())()
+    assert result.get(timeout=10) == 1 + 2 + 3 + 7
 
 
 def test_add_to_chord_outside_a_chord_fails_the_task(tasks: Any) -> None:

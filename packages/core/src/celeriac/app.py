@@ -493,7 +493,9 @@ class Celeriac:
                        not_before=not_before)
         if self._sent_event_on:
             self._send_sent_event(message.headers, route.queue.name, route.exchange, route.routing_key)
-        return AsyncResult(task_id, app=self, task_name=name)
+        result = AsyncResult(task_id, app=self, task_name=name)
+        result.ignored = bool(ignore_result)
+        return result
 
     def _send_sent_event(self, headers: Mapping[str, Any], queue: str, exchange: str,
                          routing_key: str) -> None:

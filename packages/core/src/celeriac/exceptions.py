@@ -114,12 +114,13 @@ class TaskRevokedError(CeleriacError):
     """The task was revoked or expired before it ran."""
 
 
-class Terminated(CeleriacError):
+class Terminated(BaseException):
     """Raised inside a running task by ``revoke(task_id, terminate=True)`` on a green pool
-    (gevent, eventlet); Celery's name. When it leaves the task, the worker stores REVOKED
-    (``TaskRevokedError('terminated')``) and acks, as when a process pool kills the process (a
-    task that catches it and returns keeps its result). ``signum`` (int or None) is the signal
-    asked for, which a green pool cannot send to a green thread."""
+    (gevent, eventlet); Celery's name. A ``BaseException``, as gevent's ``GreenletExit`` that
+    Celery raises there: ``except Exception`` does not stop it. When it leaves the task, the
+    worker stores REVOKED (``TaskRevokedError('terminated')``) and acks, as when a process pool
+    kills the process (a task that catches it and returns keeps its result). ``signum`` (int or
+    None) is the signal asked for, which a green pool cannot send to a green thread."""
 
     def __init__(self, signum: int | None = None) -> None:
         self.signum = signum

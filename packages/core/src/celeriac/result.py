@@ -35,6 +35,10 @@ def _assert_will_not_block() -> None:
 class AsyncResult:
     """The state and return value of a task sent to a worker."""
 
+    #: True when the task was sent with ``ignore_result`` (as Celery sets it): :meth:`get`
+    #: then returns None at once instead of waiting for a result that is never stored.
+    ignored: bool = False
+
     def __init__(self, id: str, backend: ResultBackend | None = None,  # noqa: A002 - Celery API
                  task_name: str | None = None, app: Celeriac | None = None,
                  parent: Any = None) -> None:
@@ -147,8 +151,11 @@ class AsyncResult:
         """Wait for the task to finish and return its result.
 
         Raises the task's exception when it failed and ``propagate`` is true, and
-        :class:`celeriac.exceptions.TimeoutError` after ``timeout`` seconds.
+        :class:`celeriac.exceptions.TimeoutError` after ``timeout`` seconds. Returns None at once
+        for a task sent with ``ignore_result`` (:attr:`ignored`), as Celery does.
         """
+        if self.ignored:
+            return None
         if disable_sync_subtasks:
             _assert_will_not_block()
         if follow_parents and propagate:
@@ -179,7 +186,9 @@ class AsyncResult:
         if status in states.PROPAGATE_STATES:
             exc = decode_exception(meta["result"])
             if status == states.REVOKED and not isinstance(exc, TaskRevokedError):
-                exc = TaskRevokedError(f"Task {self.id} was revoked.")
+                # Celery's own TaskRevokedError (a Celery worker stored it) keeps its reason.
+                reason = exc.args[0] if type(exc).__name__ == "TaskRevokedError" and exc.args else None
+                exc = TaskRevokedError(reason or f"Task {self.id} was revoked.")
             if propagate:
                 raise exc
             return exc

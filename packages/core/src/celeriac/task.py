@@ -303,7 +303,7 @@ class Task(Generic[P, R]):
                 result = EagerResult(task_id, exc, states.FAILURE, traceback=trace,
                                      app=self.app, name=self.name)
                 self._store_eager(task_id, states.FAILURE, exc, trace, options)
-                self._run_eager_links(link_error, (task_id,))
+                self._run_eager_errbacks(link_error, context, exc, trace)
                 return result
             finally:
                 pop_request()
@@ -334,6 +334,19 @@ class Task(Generic[P, R]):
             return
         for link in links if isinstance(links, (list, tuple)) else [links]:
             link.apply(args)
+
+    def _run_eager_errbacks(self, errbacks: Any, context: Context, exc: BaseException, trace: str) -> None:
+        """Run the error callbacks of an eager run as the worker does: one whose task takes more
+        than one positional argument gets ``(request, exc, traceback)``, the others the task id."""
+        if not errbacks:
+            return
+        from celeriac.worker.trace import _takes_request
+
+        for errback in errbacks if isinstance(errbacks, (list, tuple)) else [errbacks]:
+            if _takes_request(self.app.tasks.get(errback.name)):
+                errback(context, exc, trace)
+            else:
+                errback.apply((context.id,))
 
     def _autoretry_countdown(self, exc: BaseException, retries: int) -> float | None:
         """The countdown for an automatic retry of ``exc``, or None when it must not retry.
@@ -488,10 +501,15 @@ class Task(Generic[P, R]):
         backend = self.app.backend
         if backend is None:
             raise ValueError("add_to_chord needs a result backend.")
+        from celeriac.canvas import chord_size
+
         sig.set(group_id=request.group, group_index=request.group_index, chord=request.chord,
                 root_id=request.root_id)
-        sig.freeze()
-        backend.add_to_chord(request.group, 1)
+        # Freezing with the chord's ids makes every member report to it (a group's members too,
+        # which would otherwise report to a group id of their own).
+        sig.freeze(group_id=request.group, chord=request.chord, group_index=request.group_index,
+                   root_id=request.root_id)
+        backend.add_to_chord(request.group, chord_size(sig, self.app))
         return sig if lazy else sig.delay()
 
     # -- signatures ---------------------------------------------------------------------------

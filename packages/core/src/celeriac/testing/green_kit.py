@@ -227,6 +227,18 @@ def where():
     return socket.socket.__module__
 
 
+@app.task
+def guarded(delay):
+    note("start guarded")
+    try:
+        time.sleep(delay)
+    except Exception:  # a task's usual safety net: terminate must go through it
+        note("caught guarded")
+        return "caught"
+    note("end guarded")
+    return "slept"
+
+
 @app.task(acks_late=True)
 def slow(i, delay):
     note(f"start {i} {os.getpid()}")
@@ -397,18 +409,18 @@ class GreenPoolConformance:
 
     def test_revoke_terminate_ends_the_running_task_revoked_and_the_worker_goes_on(
             self, green_app: GreenApp, monkeypatch: pytest.MonkeyPatch) -> None:
-        """``revoke(id, terminate=True)`` raises ``Terminated`` in the task's green thread: the
-        reply names the task, the result is REVOKED, the task never reaches its end, the message
-        is acked (nothing is redelivered) and the pool slot is free again (Celery kills the
-        greenlet the same way)."""
+        """``revoke(id, terminate=True)`` raises ``Terminated`` in the task's green thread, which
+        the task's ``except Exception`` does not catch (as Celery's ``GreenletExit``): the reply
+        names the task, the result is REVOKED, the task never reaches its end, the message is
+        acked (nothing is redelivered) and the pool slot is free again."""
         cwd, env, module = green_app
         url = _redis()
         env = {**env, "GREEN_BROKER": url, "GREEN_BACKEND": url}
         worker = self.spawn(cwd, env, module, "terminate", concurrency=1)
         try:
             mod = _client(monkeypatch, env, module)
-            running = mod.slow.delay(1, 30.0)
-            wait_for(lambda: _tally(cwd, "start") == ["1"], 15, "the task to start")
+            running = mod.guarded.delay(30.0)
+            wait_for(lambda: _tally(cwd, "start") == ["guarded"], 15, "the task to start")
             only = [worker.nodename]  # type: ignore[attr-defined]
             replies = mod.app.control.revoke(running.id, terminate=True, signal="SIGKILL", destination=only,
                                              reply=True, timeout=2.5)
@@ -417,7 +429,8 @@ class GreenPoolConformance:
                 running.get(timeout=10)
             assert running.state == "REVOKED"
             assert mod.where.delay().get(timeout=15).startswith(self.pool)  # the one slot is free
-            assert _tally(cwd, "end") == [] and _tally(cwd, "start") == ["1"]  # not redelivered
+            assert _tally(cwd, "start") == ["guarded"]  # not redelivered
+            assert _tally(cwd, "end") == [] and _tally(cwd, "caught") == []
             assert "terminated (signal 9)" in worker.log()
         finally:
             worker.stop()

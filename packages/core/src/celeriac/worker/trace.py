@@ -102,6 +102,8 @@ class Tracer:
         """Execute ``request`` completely (state, canvas, ack). Never raises."""
         try:
             self._run(request)
+        except Terminated as exc:  # revoke(terminate=True) landed outside the task's body
+            self.discard(request, "terminated", exc.signum)
         except BaseException as exc:  # the last line of defence: a worker thread must never die
             logger.exception("Internal error while running task %s[%s]", request.name, request.id)
             # A final state whatever the path, so get() does not hang (a stored SUCCESS is kept).
