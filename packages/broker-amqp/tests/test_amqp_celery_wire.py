@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import kombu
 import pytest
@@ -42,6 +43,25 @@ def _kombu_declare(conn: kombu.Connection, queue: kombu.Queue) -> None:
 
 def _kombu_task_queue(name: str, **kwargs: object) -> kombu.Queue:
     return kombu.Queue(name, kombu.Exchange(name, "direct"), routing_key=name, **kwargs)  # type: ignore[arg-type]
+
+
+def _kombu_get(queue: kombu.Queue) -> kombu.Message | None:
+    """The next message kombu gets from ``queue`` within about a second, or None."""
+    for _ in range(50):
+        received = queue.get(no_ack=True, accept=["json"])
+        if received is not None:
+            return received
+        time.sleep(0.02)
+    return None
+
+
+def _fetch(consumer: Any) -> list[Any]:
+    """Our consumer's first delivery within about ten seconds (a list of one), or []."""
+    for _ in range(40):
+        deliveries = consumer.fetch(1, 0.25)
+        if deliveries:
+            return list(deliveries)
+    return []
 
 
 @pytest.mark.parametrize("max_priority", [None, 10])
@@ -119,12 +139,7 @@ def test_our_task_message_decoded_by_kombu(conn: kombu.Connection, broker: AMQPB
     broker.publish(message, "", name, queue=Queue(name))
     try:
         queue = _kombu_task_queue(name)(conn.default_channel)
-        received = None
-        for _ in range(50):
-            received = queue.get(no_ack=True, accept=["json"])
-            if received is not None:
-                break
-            time.sleep(0.02)
+        received = _kombu_get(queue)
         assert received is not None
         headers = received.headers
         assert headers["id"] == task_id
@@ -154,11 +169,7 @@ def test_celery_task_message_decoded_by_us(broker: AMQPBroker) -> None:
     try:
         result = app.send_task("proj.mul", args=[3, 4], kwargs={"x": None}, countdown=5,
                                expires=120, time_limit=10.5, priority=7)
-        deliveries = []
-        for _ in range(40):
-            deliveries = consumer.fetch(1, 0.25)
-            if deliveries:
-                break
+        deliveries = _fetch(consumer)
         assert len(deliveries) == 1
         delivery = deliveries[0]
         task = decode_task(delivery.message, None)
@@ -173,6 +184,35 @@ def test_celery_task_message_decoded_by_us(broker: AMQPBroker) -> None:
         assert delivery.message.properties["priority"] == 7
         assert delivery.exchange == "" and delivery.routing_key == name
         consumer.ack(delivery)
+    finally:
+        consumer.close()
+        broker.delete_queue(name)
+        app.close()
+
+
+def test_compressed_task_messages_cross_both_ways(conn: kombu.Connection, broker: AMQPBroker) -> None:
+    """Celery's ``compression="gzip"`` message is decoded by us; ours is decoded by kombu."""
+    from celery import Celery
+
+    name = _name("compressed")
+    app = Celery("wire", broker=broker.url.replace("amqp://", "pyamqp://", 1))
+    app.conf.task_default_queue = name
+    consumer = broker.consumer([Queue(name)], 10)
+    try:
+        sent = app.send_task("proj.mul", args=[3, "y" * 500], compression="gzip")
+        deliveries = _fetch(consumer)
+        assert len(deliveries) == 1
+        assert deliveries[0].message.headers["compression"] == "application/x-gzip"
+        task = decode_task(deliveries[0].message, None)
+        assert (task.id, task.args) == (sent.id, [3, "y" * 500])
+        consumer.ack(deliveries[0])
+        consumer.close()  # kombu takes the next one
+        broker.publish(encode_task("proj.add", "t-2", [1, "z" * 500], {}, compression="bzip2"), "", name,
+                       queue=Queue(name))
+        queue = _kombu_task_queue(name)(conn.default_channel)
+        received = _kombu_get(queue)
+        assert received is not None and received.headers["compression"] == "application/x-bz2"
+        assert received.decode()[0] == [1, "z" * 500]
     finally:
         consumer.close()
         broker.delete_queue(name)

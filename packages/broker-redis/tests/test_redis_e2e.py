@@ -230,6 +230,29 @@ def test_celeriac_client_to_celery_worker(project: Project) -> None:
         raise
 
 
+@pytest.mark.parametrize("compression", ["gzip", "bzip2", "lzma"])
+def test_compressed_tasks_from_a_celery_client_run_on_celeriac(project: Project, compression: str) -> None:
+    """``compression=`` on Celery's ``apply_async``: the body is compressed and named in the
+    ``compression`` header; the Celeriac worker reads it (it used to reject it as undecodable)."""
+    project.celeriac_worker()
+    mod = project.module(project.celery_mod)
+    assert mod.add.apply_async((2, 3), compression=compression).get(timeout=15) == 5
+    mod.app.conf.task_compression = compression
+    assert (mod.add.s(1, 1) | mod.mul.s(10))().get(timeout=15) == 20
+
+
+def test_celeriac_task_compression_is_read_by_celery_workers(project: Project) -> None:
+    project.celery_worker()
+    mod = project.module(project.celeriac_mod)
+    mod.app.conf.task_compression = "gzip"
+    try:
+        assert mod.add.delay(2, 3).get(timeout=15) == 5
+        assert mod.add.apply_async((4, 4), compression="bzip2").get(timeout=15) == 8
+    except BaseException:
+        print(project.logs())
+        raise
+
+
 @pytest.mark.parametrize("project", [3.0], indirect=True)
 def test_kill_9_of_a_worker_loses_no_task(project: Project) -> None:
     total = 10_000

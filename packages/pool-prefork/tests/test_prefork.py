@@ -125,8 +125,14 @@ def test_reject_on_worker_lost_requeues(app: Celeriac, tmp_path: Path) -> None:
         _stop(worker)
 
 
-def test_max_tasks_per_child_replaces_children(app: Celeriac) -> None:
-    worker = _worker(app, concurrency=1, max_tasks_per_child=2)
+@pytest.mark.parametrize("from_config", [False, True])
+def test_max_tasks_per_child_replaces_children(app: Celeriac, from_config: bool) -> None:
+    """``--max-tasks-per-child``, or Celery's ``worker_max_tasks_per_child`` setting."""
+    if from_config:
+        app.conf.worker_max_tasks_per_child = 2
+        worker = _worker(app, concurrency=1)
+    else:
+        worker = _worker(app, concurrency=1, max_tasks_per_child=2)
     try:
         pids = [app.tasks["pf.pid"].delay().get(timeout=10) for _ in range(6)]
         assert len(set(pids)) == 3

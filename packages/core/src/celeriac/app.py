@@ -420,11 +420,13 @@ class Celeriac:
                   chord: Any = None, chain: list[Any] | None = None, retries: int = 0,
                   parent_id: str | None = None, root_id: str | None = None,
                   shadow: str | None = None, reply_to: str | None = None,
-                  replaced_task_nesting: int = 0, **extra: Any) -> _AsyncResult:
+                  replaced_task_nesting: int = 0, compression: str | None = None,
+                  **extra: Any) -> _AsyncResult:
         """Send the task called ``name`` by name; return its :class:`AsyncResult`.
 
         The options are those of ``Task.apply_async``. The task does not have to be
-        registered in this process.
+        registered in this process. ``compression`` (default ``task_compression``: None) is
+        ``"gzip"``, ``"bzip2"``, ``"lzma"``, ``"brotli"`` or ``"zstd"``, as in Celery.
         """
         from celeriac.result import AsyncResult
 
@@ -484,6 +486,7 @@ class Celeriac:
             reply_to=reply_to or self.thread_oid, priority=priority,
             extra_headers=dict(headers) if headers else None,
             replaced_task_nesting=replaced_task_nesting,
+            compression=compression or self.conf.get("task_compression"),
         )
         backend = self.backend
         if backend is not None and not ignore_result:

@@ -251,7 +251,8 @@ class Task(Generic[P, R]):
 
         Options: ``countdown``, ``eta``, ``expires``, ``queue``, ``routing_key``, ``exchange``,
         ``priority``, ``task_id``, ``link``, ``link_error``, ``headers``, ``serializer``,
-        ``ignore_result``, ``time_limit``, ``soft_time_limit`` (and the canvas's internal ones).
+        ``ignore_result``, ``time_limit``, ``soft_time_limit``, ``compression`` (and the canvas's
+        internal ones).
         With ``task_always_eager`` the task runs here and an ``EagerResult`` is returned.
         """
         args = tuple(args or ())

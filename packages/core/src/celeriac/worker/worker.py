@@ -143,6 +143,8 @@ class Worker:
         self.events = events or bool(app.conf.get("worker_send_task_events"))
         self.time_limit = time_limit
         self.soft_time_limit = soft_time_limit
+        if max_tasks_per_child is None:
+            max_tasks_per_child = app.conf.get("worker_max_tasks_per_child")
         self.max_tasks_per_child = max_tasks_per_child
         if max_tasks_per_child and self.pool_name in ("threads", "solo"):
             logger.warning("--max-tasks-per-child only applies to process pools; the %s pool "
