@@ -40,6 +40,7 @@ def configure(app):
         result_backend_transport_options={{"global_keyprefix": PFX}},
         task_default_queue=QUEUE,
         result_expires=600,
+        result_extended=os.environ.get("E2E_RESULT_EXTENDED") == "1",
         worker_prefetch_multiplier=4,
     )
     store = _redis.Redis.from_url(URL)
@@ -228,6 +229,30 @@ def test_celeriac_client_to_celery_worker(project: Project) -> None:
     except BaseException:
         print(project.logs())
         raise
+
+
+def test_result_extended_stores_the_fields_celery_stores(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``result_extended``: the same task run by a Celery worker and by a Celeriac worker leaves
+    the same name, args, kwargs, retries and queue (and its node name as ``worker``), read by
+    Celery's client and by ours."""
+    monkeypatch.setenv("E2E_RESULT_EXTENDED", "1")
+    celery_mod, ours_mod = project.module(project.celery_mod), project.module(project.celeriac_mod)
+    fields = ("name", "args", "kwargs", "retries", "queue")
+    seen = {}
+    for system, start in (("celery", project.celery_worker), ("celeriac", project.celeriac_worker)):
+        proc = start(name=system[:2])
+        try:
+            sent = celery_mod.mark.apply_async((7,), {"sleep": 0.0})
+            assert sent.get(timeout=15) == 7
+            theirs, ours = celery_mod.app.AsyncResult(sent.id), ours_mod.app.AsyncResult(sent.id)
+            seen[system] = {f: getattr(theirs, f) for f in fields}
+            assert {f: getattr(ours, f) for f in fields} == seen[system]
+            assert theirs.worker == ours.worker and ours.worker.startswith(f"{system[:2]}@")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
+    assert seen["celeriac"] == seen["celery"]
+    assert seen["celery"]["name"] == "e2e.mark" and seen["celery"]["args"] == [7]
 
 
 @pytest.mark.parametrize("compression", ["gzip", "bzip2", "lzma"])

@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "result_serializer": "json",
     "result_expires": dt.timedelta(days=1),
     "result_persistent": False,
+    "result_extended": False,
     "task_default_queue": "celery",
     "task_default_exchange": None,
     "task_default_exchange_type": "direct",
@@ -87,7 +88,6 @@ UNSUPPORTED: dict[str, str] = {
     "broker_connection_retry_on_startup": "the worker retries its first connection like later "
                                           "ones, per broker_connection_retry",
     "result_accept_content": "results are decoded with the result_serializer's content type",
-    "result_extended": "stored results carry Celery's basic fields only",
     "worker_deduplicate_successful_tasks": "use idempotent tasks with acks_late",
     "worker_hijack_root_logger": "the worker configures logging only when run from the CLI",
     "worker_max_memory_per_child": "restart workers from your process supervisor",

@@ -127,6 +127,36 @@ class AsyncResult:
         return self._get_meta().get("date_done")
 
     @property
+    def name(self) -> str | None:
+        """The task's name, stored with ``result_extended`` (else None)."""
+        return self._get_meta().get("name")
+
+    @property
+    def args(self) -> list[Any] | None:
+        """The task's positional arguments, stored with ``result_extended`` (else None)."""
+        return self._get_meta().get("args")
+
+    @property
+    def kwargs(self) -> dict[str, Any] | None:
+        """The task's keyword arguments, stored with ``result_extended`` (else None)."""
+        return self._get_meta().get("kwargs")
+
+    @property
+    def worker(self) -> str | None:
+        """The node name of the worker that ran it, stored with ``result_extended``."""
+        return self._get_meta().get("worker")
+
+    @property
+    def retries(self) -> int | None:
+        """How many times it was retried, stored with ``result_extended``."""
+        return self._get_meta().get("retries")
+
+    @property
+    def queue(self) -> str | None:
+        """The queue (routing key) it was delivered from, stored with ``result_extended``."""
+        return self._get_meta().get("queue")
+
+    @property
     def children(self) -> list[Any]:
         """Result handles of tasks this task sent."""
         return [result_from_tuple(c, self._app) for c in self._get_meta().get("children") or []]

@@ -47,6 +47,9 @@ class Tracer:
         self.revoked: set[str] = set()
         #: The worker's event dispatcher when task events are on, else None.
         self.events: EventDispatcher | None = None
+        #: ``result_extended``: stored states also carry the task's name, arguments, worker,
+        #: retries and queue (Celery's extended result fields).
+        self.extended = bool(app.conf.get("result_extended"))
 
     # -- acknowledgement ----------------------------------------------------------------------
 
@@ -88,13 +91,23 @@ class Tracer:
             return
         headers = request.message.headers
         tid = task_id or request.id
+        extra = self._extended_fields(request) if self.extended and task_id is None else None
         meta = make_meta(tid, status, result, traceback=traceback, group_id=headers.get("group")
-                         if task_id is None else None, parent_id=headers.get("parent_id"))
+                         if task_id is None else None, parent_id=headers.get("parent_id"), extra=extra)
         try:
             backend.store(tid, meta, reply_to=request.message.properties.get("reply_to"),
                           correlation_id=request.message.properties.get("correlation_id") or tid)
         except Exception:
             logger.exception("Could not store the %s state of task %s[%s]", status, request.name, tid)
+
+    def _extended_fields(self, request: Request) -> dict[str, Any]:
+        """Celery's ``result_extended`` fields of a stored state: ``name`` (the task's registered
+        name), ``args``, ``kwargs``, ``worker`` (node name), ``retries``, ``queue`` (the routing
+        key it was delivered with)."""
+        message = request.message
+        return {"name": message.headers.get("task"), "args": message.args, "kwargs": message.kwargs,
+                "worker": self.hostname, "retries": message.headers.get("retries") or 0,
+                "queue": request.delivery.routing_key if request.delivery is not None else None}
 
     # -- the run ------------------------------------------------------------------------------
 
