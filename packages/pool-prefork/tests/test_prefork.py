@@ -140,6 +140,23 @@ def test_max_tasks_per_child_replaces_children(app: Celeriac, from_config: bool)
         _stop(worker)
 
 
+@pytest.mark.parametrize("from_config", [False, True])
+def test_max_memory_per_child_replaces_a_child_after_its_task(app: Celeriac, from_config: bool) -> None:
+    """``--max-memory-per-child`` / ``worker_max_memory_per_child`` in KiB: every child is above
+    1 KiB, so each finishes its task (the result comes back) and is replaced."""
+    if from_config:
+        app.conf.worker_max_memory_per_child = 1
+        worker = _worker(app, concurrency=1)
+    else:
+        worker = _worker(app, concurrency=1, max_memory_per_child=1)
+    try:
+        pids = [app.tasks["pf.pid"].delay().get(timeout=20) for _ in range(3)]
+        assert len(set(pids)) == 3
+        assert app.tasks["pf.add"].delay(2, 3).get(timeout=20) == 5
+    finally:
+        _stop(worker)
+
+
 def test_warm_shutdown_finishes_running_and_requeues_waiting(app: Celeriac) -> None:
     # Queued first, so that the worker (or its consuming child) receives all four at once: a
     # consuming child does not fetch while it runs a task.

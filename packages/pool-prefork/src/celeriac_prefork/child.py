@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import resource
 import select
 import signal
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,8 +25,8 @@ from celeriac.exceptions import SoftTimeLimitExceeded
 from celeriac.worker.trace import set_process_events
 from celeriac.worker.worker import flush_log_handlers
 
-__all__ = ["CANCEL", "EVENTS", "FINISHED", "HEAD", "SHARED_SIZE", "SOFT", "STARTED", "child_main",
-           "prepare_process"]
+__all__ = ["CANCEL", "EVENTS", "FINISHED", "HEAD", "RETIRE", "SHARED_SIZE", "SOFT", "STARTED", "child_main",
+           "over_memory", "prepare_process"]
 
 logger = logging.getLogger("celeriac.worker")
 
@@ -32,13 +34,27 @@ logger = logging.getLogger("celeriac.worker")
 #: child -> parent: how long the job ran, in seconds).
 HEAD = struct.Struct("<QQd")
 #: Indexes in a slot's shared memory (signed 64-bit integers): the last job the child started
-#: and finished, the job a soft limit is meant for, a pipelined job the parent took back, and
-#: whether task events are on (1) or off (0), which ``control enable_events`` changes.
-STARTED, FINISHED, SOFT, CANCEL, EVENTS = range(5)
+#: and finished, the job a soft limit is meant for, a pipelined job the parent took back,
+#: whether task events are on (1) or off (0), which ``control enable_events`` changes, and 1
+#: once the child asks to be replaced (its peak memory passed ``max_memory_per_child``).
+STARTED, FINISHED, SOFT, CANCEL, EVENTS, RETIRE = range(6)
 #: Bytes of a slot's shared memory.
-SHARED_SIZE = 8 * 5
+SHARED_SIZE = 8 * 6
 
 _shared: memoryview | None = None  # this process's slot memory (set in child_main)
+
+
+def over_memory(limit_kib: int) -> bool:
+    """True when this process's peak resident memory (``getrusage`` ``ru_maxrss``) is above
+    ``limit_kib`` KiB, Celery's ``worker_max_memory_per_child`` test; logs it once then."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if sys.platform == "darwin":  # bytes there, KiB on Linux
+        peak //= 1024
+    if peak <= limit_kib:
+        return False
+    logger.info("Pool process %s: peak memory %d KiB is above max_memory_per_child (%d KiB); "
+                "it is replaced.", os.getpid(), peak, limit_kib)
+    return True
 
 
 def _on_sigusr1(signum: int, frame: Any) -> None:
@@ -73,11 +89,13 @@ def prepare_process(inherited: list[Any], shared: memoryview) -> None:
 
 def child_main(sock: socket.socket, lock: Any, shared: memoryview,
                initializer: tuple[Callable[..., Any], tuple[Any, ...]] | None,
-               inherited: list[Any]) -> None:
+               inherited: list[Any], max_memory: int | None = None) -> None:
     """The loop of a pool process: read a job frame, run ``target(*args)``, send the answer.
 
     The child closes the parent's ends of every pool socket it inherited, and exits when its
-    parent is gone, so a killed worker never leaves children behind.
+    parent is gone, so a killed worker never leaves children behind. Once its peak resident
+    memory is above ``max_memory`` KiB it asks the parent, with its answer, to replace it: the
+    parent sends it no more jobs and stops it when it is idle.
     """
     parent = os.getppid()
     prepare_process(inherited, shared)
@@ -139,6 +157,8 @@ def child_main(sock: socket.socket, lock: Any, shared: memoryview,
             except Exception:
                 logger.exception("Cannot send the result of a pool job to the parent")
                 out = dumps("reject", pickle.HIGHEST_PROTOCOL)
+            if max_memory and not shared[RETIRE] and over_memory(max_memory):
+                shared[RETIRE] = 1  # read by the parent with this answer
             try:
                 sock.sendall(pack(len(out), seq, runtime) + out)
             except (OSError, SoftTimeLimitExceeded):

@@ -288,8 +288,8 @@ class DirectPreforkPool(ForkingPool):
     consumes_directly = True
 
     def __init__(self, concurrency: int = 1, app: Any = None, max_tasks_per_child: int | None = None,
-                 **options: Any) -> None:
-        super().__init__(concurrency, app, max_tasks_per_child, **options)
+                 max_memory_per_child: int | None = None, **options: Any) -> None:
+        super().__init__(concurrency, app, max_tasks_per_child, max_memory_per_child, **options)
         self.consumer: DirectConsumer | None = None
         self._spec: dict[str, Any] = {}
         self._slots: list[_Slot] = []
@@ -327,7 +327,8 @@ class DirectPreforkPool(ForkingPool):
         shm = mmap.mmap(-1, SHM_SIZE)
         memoryview(shm)[:PAYLOAD_OFFSET].cast("q")[classic.EVENTS] = int(self._events)
         spec = ChildSpec(self.app, queues=list(consumer.planned_queues()),
-                         max_tasks=self.max_tasks_per_child, revoked=set(consumer.tracer.revoked),
+                         max_tasks=self.max_tasks_per_child, max_memory=self.max_memory_per_child,
+                         revoked=set(consumer.tracer.revoked),
                          share=self.concurrency,
                          **self._spec)
         process, parent_end = self._fork(

@@ -88,7 +88,8 @@ class ChildSpec:
 
     def __init__(self, app: Any, hostname: str, queues: list[Queue], prefetch: int,
                  fetch_timeout: float, time_limit: float | None, soft_time_limit: float | None,
-                 max_tasks: int | None, revoked: set[str], share: int = 1) -> None:
+                 max_tasks: int | None, revoked: set[str], share: int = 1,
+                 max_memory: int | None = None) -> None:
         self.app = app
         self.hostname = hostname
         self.queues = queues
@@ -97,6 +98,8 @@ class ChildSpec:
         self.time_limit = time_limit
         self.soft_time_limit = soft_time_limit
         self.max_tasks = max_tasks
+        #: KiB of peak resident memory after which the child stops, after its task.
+        self.max_memory = max_memory
         self.revoked = revoked
         #: The worker's processes: each applies ``1 / share`` of a rate limit.
         self.share = share
@@ -177,6 +180,7 @@ class ChildConsumer(TaskConsumer):
         self._payload = memoryview(shm)[PAYLOAD_OFFSET:PAYLOAD_OFFSET + PAYLOAD_MAX]
         self._ask = ask
         self._max_tasks = spec.max_tasks
+        self._max_memory = spec.max_memory
         self._share = max(1, spec.share)
         self._events = -1
         self._seq = 0
@@ -280,6 +284,8 @@ class ChildConsumer(TaskConsumer):
             self._deadline[0] = 0.0
             self._shared[classic.FINISHED] = seq
             if self._max_tasks and seq >= self._max_tasks:
+                self.stop()
+            elif self._max_memory and classic.over_memory(self._max_memory):
                 self.stop()
 
 

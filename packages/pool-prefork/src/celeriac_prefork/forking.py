@@ -31,9 +31,11 @@ class ForkingPool(Pool):
     """
 
     def __init__(self, concurrency: int = 1, app: Any = None, max_tasks_per_child: int | None = None,
-                 **options: Any) -> None:
+                 max_memory_per_child: int | None = None, **options: Any) -> None:
         super().__init__(concurrency, app, **options)
         self.max_tasks_per_child = max_tasks_per_child
+        #: KiB of peak resident memory after which a child exits, once its task is answered.
+        self.max_memory_per_child = max_memory_per_child
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         # Forks one at a time, so no child inherits a socket end made for another.

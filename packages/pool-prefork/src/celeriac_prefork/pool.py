@@ -38,7 +38,17 @@ from typing import Any
 from celeriac.exceptions import SoftTimeLimitExceeded
 from celeriac.worker.pool import Callback
 
-from celeriac_prefork.child import CANCEL, EVENTS, FINISHED, HEAD, SHARED_SIZE, SOFT, STARTED, child_main
+from celeriac_prefork.child import (
+    CANCEL,
+    EVENTS,
+    FINISHED,
+    HEAD,
+    RETIRE,
+    SHARED_SIZE,
+    SOFT,
+    STARTED,
+    child_main,
+)
 from celeriac_prefork.forking import ForkingPool
 
 __all__ = ["PreforkPool"]
@@ -125,8 +135,8 @@ class PreforkPool(ForkingPool):
     process_based = True
 
     def __init__(self, concurrency: int = 1, app: Any = None, max_tasks_per_child: int | None = None,
-                 **options: Any) -> None:
-        super().__init__(concurrency, app, max_tasks_per_child, **options)
+                 max_memory_per_child: int | None = None, **options: Any) -> None:
+        super().__init__(concurrency, app, max_tasks_per_child, max_memory_per_child, **options)
         self._initializer: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
         #: Jobs not sent yet, in order.
         self._queue: deque[_Job] = deque()
@@ -155,7 +165,8 @@ class PreforkPool(ForkingPool):
             shared[EVENTS] = int(self._events)
             self._shared_views[id(shared)] = shared
         process, parent_end = self._fork(
-            child_main, lambda child_end, inherited: (child_end, lock, shared, self._initializer, inherited))
+            child_main, lambda child_end, inherited: (child_end, lock, shared, self._initializer, inherited,
+                                                      self.max_memory_per_child))
         parent_end.setblocking(False)
         return _Slot(process, parent_end, lock, shm, shared)
 
@@ -281,7 +292,8 @@ class PreforkPool(ForkingPool):
         slot.inflight.remove(job)
         slot.cancelled = job.seq
         slot.sent -= 1
-        if slot.replace and self.max_tasks_per_child and slot.sent < self.max_tasks_per_child:
+        if (slot.replace and self.max_tasks_per_child and slot.sent < self.max_tasks_per_child
+                and not slot.shared[RETIRE]):
             slot.retiring = slot.replace = False
         job.slot = job.pid = None
         return True
@@ -476,6 +488,8 @@ class PreforkPool(ForkingPool):
                     slot.cancelled = 0
                 if inflight and not dead:  # the child starts the next one right after answering
                     self._started(inflight[0])
+            if slot.shared[RETIRE] and not slot.retiring:  # max_memory_per_child: no more jobs
+                slot.retiring = slot.replace = True
             if not slot.dead:
                 self._dispatch()
             if self._stopping:

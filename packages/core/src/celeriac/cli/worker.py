@@ -85,6 +85,9 @@ def _detach(logfile: str | None) -> None:
 @click.option("--time-limit", type=float, help="Hard time limit per task, seconds.")
 @click.option("--soft-time-limit", type=float, help="Soft time limit per task, seconds.")
 @click.option("--max-tasks-per-child", type=int, help="Recycle pool processes after N tasks.")
+@click.option("--max-memory-per-child", type=int, metavar="KIB",
+              help="Replace a pool process once its peak resident memory passes KIB kilobytes "
+                   "(after the task that passed it).")
 @click.option("--autoscale", metavar="MAX,MIN",
               help="Grow the pool up to MAX slots while work waits, shrink it to MIN when idle.")
 @click.option("--pidfile", type=click.Path(dir_okay=False), help="Write the process id here.")
@@ -99,7 +102,8 @@ def _detach(logfile: str | None) -> None:
 def worker(ctx: CLIContext, loglevel: str, concurrency: int | None, pool: str | None,
            queues: str | None, exclude_queues: str | None, hostname: str | None, task_events: bool,
            prefetch_multiplier: int | None, optimization: str | None, time_limit: float | None,
-           soft_time_limit: float | None, max_tasks_per_child: int | None, pidfile: str | None,
+           soft_time_limit: float | None, max_tasks_per_child: int | None,
+           max_memory_per_child: int | None, pidfile: str | None,
            logfile: str | None, detach: bool, autoscale: str | None, heartbeat_file: str | None,
            heartbeat_file_interval: float) -> None:
     """Start a worker that consumes tasks and runs them."""
@@ -140,6 +144,7 @@ def worker(ctx: CLIContext, loglevel: str, concurrency: int | None, pool: str | 
             exclude_queues=exclude_queues.split(",") if exclude_queues else None,
             prefetch_multiplier=prefetch_multiplier, events=task_events, time_limit=time_limit,
             soft_time_limit=soft_time_limit, max_tasks_per_child=max_tasks_per_child,
+            max_memory_per_child=max_memory_per_child,
             install_signals=True, detached=detach, autoscale=limits,
             heartbeat_file=heartbeat_file, heartbeat_file_interval=heartbeat_file_interval,
         )

@@ -115,7 +115,8 @@ class Worker:
                  exclude_queues: Sequence[str] | None = None, prefetch_multiplier: int | None = None,
                  events: bool = False, time_limit: float | None = None,
                  soft_time_limit: float | None = None, max_tasks_per_child: int | None = None,
-                 install_signals: bool = False, ready_callback: Callable[[Worker], None] | None = None,
+                 max_memory_per_child: int | None = None, install_signals: bool = False,
+                 ready_callback: Callable[[Worker], None] | None = None,
                  fetch_timeout: float = 1.0, detached: bool = False,
                  autoscale: tuple[int, int] | None = None, heartbeat_file: str | None = None,
                  heartbeat_file_interval: float = 10.0) -> None:
@@ -146,9 +147,15 @@ class Worker:
         if max_tasks_per_child is None:
             max_tasks_per_child = app.conf.get("worker_max_tasks_per_child")
         self.max_tasks_per_child = max_tasks_per_child
-        if max_tasks_per_child and self.pool_name in ("threads", "solo"):
-            logger.warning("--max-tasks-per-child only applies to process pools; the %s pool "
-                           "ignores it.", self.pool_name)
+        if max_memory_per_child is None:
+            max_memory_per_child = app.conf.get("worker_max_memory_per_child")
+        #: KiB of peak resident memory after which a pool process is replaced (Celery's unit).
+        self.max_memory_per_child = max_memory_per_child
+        for option, value in (("--max-tasks-per-child", max_tasks_per_child),
+                              ("--max-memory-per-child", max_memory_per_child)):
+            if value and self.pool_name in ("threads", "solo"):
+                logger.warning("%s only applies to process pools; the %s pool ignores it.", option,
+                               self.pool_name)
         self.install_signals = install_signals
         self.ready_callback = ready_callback
         self.fetch_timeout = fetch_timeout
@@ -279,7 +286,8 @@ class Worker:
         factory = pool_factory(self.pool_name)
         direct = self._direct_variant(factory)
         self.pool = (direct or factory)(concurrency=self.concurrency, app=self.app,
-                                        max_tasks_per_child=self.max_tasks_per_child)
+                                        max_tasks_per_child=self.max_tasks_per_child,
+                                        max_memory_per_child=self.max_memory_per_child)
         if self.pool.consumes_directly:
             self.pool.set_task_events(self.events)
             self.task_consumer = self.pool.direct_consumer(
