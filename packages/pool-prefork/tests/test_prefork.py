@@ -125,36 +125,34 @@ def test_reject_on_worker_lost_requeues(app: Celeriac, tmp_path: Path) -> None:
         _stop(worker)
 
 
+def _pids_of_recycled_children(app: Celeriac, limit: str, value: int, from_config: bool, tasks: int) -> set[int]:
+    """Run ``tasks`` tasks on one child with ``max_<limit>_per_child=value`` given as a worker
+    option or as Celery's ``worker_max_<limit>_per_child`` setting; the pids that ran them."""
+    option = f"max_{limit}_per_child"
+    if from_config:
+        app.conf[f"worker_{option}"] = value
+        worker = _worker(app, concurrency=1)
+    else:
+        worker = _worker(app, concurrency=1, **{option: value})
+    try:
+        pids = {app.tasks["pf.pid"].delay().get(timeout=20) for _ in range(tasks)}
+        assert app.tasks["pf.add"].delay(2, 3).get(timeout=20) == 5
+        return pids
+    finally:
+        _stop(worker)
+
+
 @pytest.mark.parametrize("from_config", [False, True])
 def test_max_tasks_per_child_replaces_children(app: Celeriac, from_config: bool) -> None:
     """``--max-tasks-per-child``, or Celery's ``worker_max_tasks_per_child`` setting."""
-    if from_config:
-        app.conf.worker_max_tasks_per_child = 2
-        worker = _worker(app, concurrency=1)
-    else:
-        worker = _worker(app, concurrency=1, max_tasks_per_child=2)
-    try:
-        pids = [app.tasks["pf.pid"].delay().get(timeout=10) for _ in range(6)]
-        assert len(set(pids)) == 3
-    finally:
-        _stop(worker)
+    assert len(_pids_of_recycled_children(app, "tasks", 2, from_config, 6)) == 3
 
 
 @pytest.mark.parametrize("from_config", [False, True])
 def test_max_memory_per_child_replaces_a_child_after_its_task(app: Celeriac, from_config: bool) -> None:
     """``--max-memory-per-child`` / ``worker_max_memory_per_child`` in KiB: every child is above
     1 KiB, so each finishes its task (the result comes back) and is replaced."""
-    if from_config:
-        app.conf.worker_max_memory_per_child = 1
-        worker = _worker(app, concurrency=1)
-    else:
-        worker = _worker(app, concurrency=1, max_memory_per_child=1)
-    try:
-        pids = [app.tasks["pf.pid"].delay().get(timeout=20) for _ in range(3)]
-        assert len(set(pids)) == 3
-        assert app.tasks["pf.add"].delay(2, 3).get(timeout=20) == 5
-    finally:
-        _stop(worker)
+    assert len(_pids_of_recycled_children(app, "memory", 1, from_config, 3)) == 3
 
 
 def test_warm_shutdown_finishes_running_and_requeues_waiting(app: Celeriac) -> None:
