@@ -377,14 +377,14 @@ def test_unsupported_settings_warn() -> None:
     was_disabled, log.disabled = log.disabled, False
     log.addHandler(handler)
     try:
-        celeriac.config._warned.discard("worker_max_memory_per_child")
-        app = Celeriac("warn", broker="memory://warn", worker_max_memory_per_child=10)
+        celeriac.config._warned.discard("worker_deduplicate_successful_tasks")
+        app = Celeriac("warn", broker="memory://warn", worker_deduplicate_successful_tasks=True)
     finally:
         log.removeHandler(handler)
         log.disabled = was_disabled
-    assert any("worker_max_memory_per_child" in r.getMessage() and "not supported" in r.getMessage()
+    assert any("worker_deduplicate_successful_tasks" in r.getMessage() and "not supported" in r.getMessage()
                for r in records)
-    assert app.conf["worker_max_memory_per_child"] == 10
+    assert app.conf["worker_deduplicate_successful_tasks"] is True
 
 
 def test_task_create_missing_queues(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -127,18 +128,25 @@ def test_reject_on_worker_lost_requeues(app: Celeriac, tmp_path: Path) -> None:
 
 def _pids_of_recycled_children(app: Celeriac, limit: str, value: int, from_config: bool, tasks: int) -> set[int]:
     """Run ``tasks`` tasks on one child with ``max_<limit>_per_child=value`` given as a worker
-    option or as Celery's ``worker_max_<limit>_per_child`` setting; the pids that ran them."""
+    option or as Celery's ``worker_max_<limit>_per_child`` setting; the pids that ran them.
+    Fails when the pool logged an error meanwhile (a child that stops itself is routine)."""
     option = f"max_{limit}_per_child"
     if from_config:
         app.conf[f"worker_{option}"] = value
         worker = _worker(app, concurrency=1)
     else:
         worker = _worker(app, concurrency=1, **{option: value})
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append  # type: ignore[method-assign]
+    logging.getLogger("celeriac").addHandler(handler)
     try:
         pids = {app.tasks["pf.pid"].delay().get(timeout=20) for _ in range(tasks)}
         assert app.tasks["pf.add"].delay(2, 3).get(timeout=20) == 5
+        assert [r.getMessage() for r in errors] == []
         return pids
     finally:
+        logging.getLogger("celeriac").removeHandler(handler)
         _stop(worker)
 
 

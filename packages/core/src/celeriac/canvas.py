@@ -527,14 +527,20 @@ class _chain(Signature):
         return results[-1]
 
     def apply(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
-        """Run every step here and now; returns the last ``EagerResult``."""
+        """Run every step here and now; returns the last ``EagerResult``. The chain's and the
+        call's error callbacks apply to every step, its callbacks to the last one."""
+        options = {**self.options, **options}
+        options.pop("task_id", None)
+        link = options.pop("link", None)
         result: Any = None
-        for index, step in enumerate(self._steps()):
+        steps = self._steps()
+        for index, step in enumerate(steps):
+            extra = dict(options, link=link) if index == len(steps) - 1 and link else options
             if index == 0:
-                result = step.apply(args, kwargs, **options)
+                result = step.apply(args, kwargs, **extra)
             else:
                 previous = result.get()
-                result = step.apply((previous,))
+                result = step.apply((previous,), **extra)
             if result.failed():
                 return result
         return result
@@ -629,11 +635,11 @@ class group(Signature):
         """Send one message per member; return their :class:`GroupResult`."""
         from celeriac.result import GroupResult
 
-        if self.app.conf.get("task_always_eager"):
-            return self.apply(args, kwargs, **options)
         if options.get("link") is not None or options.get("link_error") is not None:
             raise TypeError("Cannot add links to a group when sending it: link the members, or "
                             "use a chord for a callback after all of them (as Celery).")
+        if self.app.conf.get("task_always_eager"):
+            return self.apply(args, kwargs, **options)
         options = {**self.options, **{k: v for k, v in options.items() if v is not None}}
         args = self._partial_args(args)
         gid = options.pop("task_id", None) or str(uuid.uuid4())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -122,9 +123,17 @@ class AsyncResult:
         return self._get_meta().get("traceback")
 
     @property
-    def date_done(self) -> str | None:
-        """When the task finished (ISO 8601)."""
-        return self._get_meta().get("date_done")
+    def date_done(self) -> dt.datetime | None:
+        """When the task finished: a timezone-aware ``datetime`` (stored as ISO 8601), as Celery
+        gives it; None while it has not."""
+        value = self._get_meta().get("date_done")
+        if not value:
+            return None
+        if isinstance(value, dt.datetime):
+            return value
+        from celeriac.protocol import parse_iso8601
+
+        return parse_iso8601(str(value))
 
     @property
     def name(self) -> str | None:

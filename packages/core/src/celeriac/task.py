@@ -128,7 +128,8 @@ class Task(Generic[P, R]):
                  reject_on_worker_lost: bool | None = None,
                  store_errors_even_if_ignored: bool | None = None,
                  expires: float | None = None, shadow: str | None = None,
-                 acks_on_failure_or_timeout: bool | None = None, **extra: Any) -> None:
+                 acks_on_failure_or_timeout: bool | None = None, compression: str | None = None,
+                 **extra: Any) -> None:
         if soft_time_limit and time_limit and soft_time_limit > time_limit:
             raise ValueError(f"Task {name}: soft_time_limit ({soft_time_limit}) must not exceed "
                              f"time_limit ({time_limit}).")
@@ -153,6 +154,8 @@ class Task(Generic[P, R]):
         self.queue = queue
         self.priority = priority
         self.serializer = serializer
+        #: The compression of this task's messages (``"gzip"``, ...), as Celery's task option.
+        self.compression = compression
         self.typing = typing
         self._reject_on_worker_lost = reject_on_worker_lost
         self._store_errors_even_if_ignored = store_errors_even_if_ignored
@@ -263,7 +266,7 @@ class Task(Generic[P, R]):
         for key, own in (("queue", self.queue), ("priority", self.priority),
                          ("serializer", self.serializer), ("time_limit", self.time_limit),
                          ("soft_time_limit", self.soft_time_limit), ("expires", self.expires),
-                         ("shadow", self.shadow)):
+                         ("shadow", self.shadow), ("compression", self.compression)):
             if own is not None and options.get(key) is None:
                 options[key] = own
         if options.get("ignore_result") is None and self._ignore_result is not None:

@@ -474,8 +474,11 @@ class DirectPreforkPool(ForkingPool):
                     self._on_readable(slot, buffers)
                 else:
                     self._on_exit(selector, buffers, slot)
-            else:  # left over from a child already settled
-                selector.unregister(key.fileobj)
+            else:  # a child already settled (in this turn both its sentinel and socket fired)
+                try:
+                    selector.unregister(key.fd)  # by number: its socket may be closed (fd -1)
+                except (KeyError, ValueError):
+                    pass
         if self._closing:
             for slot in list(buffers):
                 self._on_exit(selector, buffers, slot)

@@ -79,9 +79,10 @@ class Tracer:
     def _keeps_result(self, request: Request, failed: bool = False) -> bool:
         if self.backend is None:
             return False
-        if request.message.headers.get("ignore_result") or request.task.ignore_result:
-            return failed and request.task.store_errors_even_if_ignored
-        return True
+        task = request.task
+        if failed:  # as Celery: only the task's own ignore_result can keep a failure unstored
+            return not task.ignore_result or task.store_errors_even_if_ignored
+        return not (request.message.headers.get("ignore_result") or task.ignore_result)
 
     def store(self, request: Request, status: str, result: Any, traceback: str | None = None,
               task_id: str | None = None) -> None:
