@@ -111,3 +111,26 @@ def test_eager_group_refuses_links_as_when_sent() -> None:
 
     with pytest.raises(TypeError, match="Cannot add links to a group"):
         group(add.s(1, 1), add.s(2, 2)).apply_async(link_error=add.s(0))
+
+
+def test_a_chord_body_has_the_completing_member_as_parent(celeriac_app: Any) -> None:
+    """Celery stores the body's ``parent_id``: the header member whose result completed it."""
+    from celeriac import chord
+
+    @celeriac_app.task(name="cp.double")
+    def double(x: int) -> int:
+        return 2 * x
+
+    @celeriac_app.task(name="cp.total")
+    def total(values: list[int]) -> int:
+        return sum(values)
+
+    worker = start_worker(celeriac_app, concurrency=2)
+    try:
+        result = chord([double.s(1), double.s(2)], total.s())()
+        assert result.get(timeout=10) == 6
+        members = [r.id for r in result.parent.results]
+        meta = celeriac_app.backend.get(result.id)
+        assert meta["parent_id"] in members
+    finally:
+        worker.stop()

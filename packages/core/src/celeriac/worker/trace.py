@@ -357,7 +357,10 @@ class Tracer:
             self._fail_chord_body(request, body, error)
             return
         try:
-            body.apply_async((self._chord_values(group_id, entries),))
+            # As Celery: the member that completed the chord is the body's parent.
+            headers = request.message.headers
+            body.apply_async((self._chord_values(group_id, entries),), parent_id=task_id,
+                             root_id=headers.get("root_id") or request.id)
         except Exception as exc:
             logger.exception("Chord %s: could not send the body", group_id)
             self._fail_chord_body(request, body, ChordError(f"Callback error: {exc!r}"))
