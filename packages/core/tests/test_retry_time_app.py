@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 import weakref
 from pathlib import Path
@@ -100,6 +101,31 @@ def test_failed_retry_send_stores_failure(celeriac_app: Any, celeriac_worker: An
     with pytest.raises(BrokerConnectionError, match="broker gone"):
         result.get(timeout=15)
     assert result.state == states.FAILURE
+
+
+def test_a_retry_is_stored_before_the_task_is_sent_again(celeriac_app: Any, celeriac_worker: Any,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second run's FAILURE is final even when storing the first run's RETRY is slow: the
+    worker stores RETRY, then re-sends (sent first, RETRY could land after the FAILURE)."""
+    backend = celeriac_app.backend
+    store = backend.store
+
+    def slow_retry_store(task_id: str, meta: dict[str, Any], **kwargs: Any) -> Any:
+        if meta["status"] == states.RETRY:
+            time.sleep(0.5)
+        return store(task_id, meta, **kwargs)
+
+    monkeypatch.setattr(backend, "store", slow_retry_store)
+
+    @celeriac_app.task(bind=True, max_retries=1)
+    def hopeless(self: Any) -> None:
+        raise self.retry(exc=RuntimeError("never works"), countdown=0)
+
+    result = hopeless.delay()
+    with pytest.raises(RuntimeError, match="never works"):
+        result.get(timeout=10)
+    time.sleep(0.8)
+    assert celeriac_app.AsyncResult(result.id).state == states.FAILURE
 
 
 def test_eager_autoretry_honours_retry_kwargs() -> None:

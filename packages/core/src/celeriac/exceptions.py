@@ -85,6 +85,9 @@ class Retry(CeleriacError):
         self.message = message
         self.exc = exc
         self.when = when
+        #: ``Task.retry`` in a worker: the call that re-sends the task, made by the worker once
+        #: it has stored RETRY (None once sent, or when ``retry`` sent it itself).
+        self.send: Any = None
         super().__init__(message or f"Retry in {when}", exc)
 
     def __str__(self) -> str:

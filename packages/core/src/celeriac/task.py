@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import inspect
 import random
 import threading
@@ -410,7 +411,8 @@ class Task(Generic[P, R]):
         timelimit = request.timelimit or (None, None)
         headers = {k: v for k, v in (request.headers or {}).items()
                    if k not in STANDARD_HEADERS} or None
-        self.app.send_task(
+        send = functools.partial(
+            self.app.send_task,
             self.name, request.args if args is None else args,
             request.kwargs if kwargs is None else kwargs,
             task_id=request.id, retries=request.retries + 1, countdown=countdown, eta=eta,
@@ -423,7 +425,11 @@ class Task(Generic[P, R]):
         )
         error = Retry(exc=exc, when=when)
         if throw:
+            # The worker stores RETRY and then sends: sent first, a quick second run could
+            # store its final state before this run's RETRY overwrote it.
+            error.send = send
             raise error
+        send()
         return error
 
     # -- replacing -----------------------------------------------------------------------------
@@ -450,7 +456,7 @@ class Task(Generic[P, R]):
             return self._replace(request, sig)
 
     def _replace(self, request: Context, sig: Signature) -> Any:
-        from celeriac.canvas import _chain, group, maybe_signature, signature
+        from celeriac.canvas import _as_list, _chain, group, maybe_signature, signature
 
         sig = maybe_signature(sig, self.app)
         if sig.options.get("chord"):
@@ -461,9 +467,9 @@ class Task(Generic[P, R]):
         if isinstance(sig, group):
             # The group's results travel on as one list: the body of a chord that returns them.
             sig = sig | self.app.tasks["celery.accumulate"].s(index=0)
-        for callback in _listed(request.callbacks):
+        for callback in _as_list(request.callbacks):
             sig.link(maybe_signature(callback, self.app))
-        for errback in _listed(request.errbacks):
+        for errback in _as_list(request.errbacks):
             sig.link_error(maybe_signature(errback, self.app))
         sig.freeze(request.id)
         nesting = (request.replaced_task_nesting or 0) + 1
@@ -588,12 +594,3 @@ class Task(Generic[P, R]):
     def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any,
                      einfo: Any) -> None:
         """Called in the worker after the task returned, whatever the state."""
-
-
-def _listed(value: Any) -> list[Any]:
-    """``value`` as a list: None is empty, a single link is a list of one."""
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [value]

@@ -310,6 +310,16 @@ class Tracer:
             self.events.send("task-retried", uuid=request.id, exception=repr(exc.exc or exc), traceback=None)
         if self._keeps_result(request):
             self.store(request, states.RETRY, exc.exc if exc.exc is not None else exc)
+        send, exc.send = exc.send, None
+        if send is not None:
+            try:
+                send()
+            except Exception as error:  # the re-send failed: a FAILURE, as when retry() raised it
+                trace = "".join(tb.format_exception(type(error), error, error.__traceback__))
+                logger.error("Task %s[%s] could not be retried: %r", request.name, request.id, error)
+                self._on_failure(request, error, trace)
+                self.ack(request)
+                return
         request.task.on_retry(exc.exc or exc, request.id, request.message.args,
                               request.message.kwargs, None)
         if self.hooks.retry is not None:
