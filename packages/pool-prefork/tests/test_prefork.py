@@ -235,10 +235,12 @@ def test_inspect_active_lists_the_task_a_child_runs(app: Celeriac, tmp_path: Pat
         return "released"
 
     marker = str(tmp_path / "release")
+    before = time.time()
+    # Both queued before the worker starts, so the one child takes both in one fetch (a child
+    # that consumes does not fetch while it runs a task).
+    running, waiting = until.delay(marker), until.delay(marker)
     worker = _worker(app, concurrency=1)
     try:
-        before = time.time()
-        running, waiting = until.delay(marker), until.delay(marker)
         inspect = app.control.inspect(timeout=1)
         deadline = time.monotonic() + 10
         active: list[Any] = []
